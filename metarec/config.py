@@ -1,0 +1,226 @@
+"""Run configuration: a YAML file validated by pydantic.
+
+Unknown keys are an error that names the key and suggests the nearest valid one.
+`--set a.b=value` overrides are applied to the raw mapping before validation, so they
+are checked exactly like keys in the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from metarec.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    root: str = Field(".cache/prepared", description="directory (or s3:// URI) holding prepared domains DIR/NAME")
+    target: str = Field(..., description="name of the target domain")
+    sources: list[str] = Field(default_factory=list, description="source domains; empty = target-only")
+    max_len: int = Field(50, ge=2, description="input window length (LRURec: 50, 200 for MovieLens)")
+    source_max_len: int | None = Field(None, ge=2, description="window length for source domains (default: max_len)")
+    target_users: int | None = Field(None, ge=10, description="seeded subsample of target users (reduced protocol)")
+    source_sampling: Literal["uniform", "proportional"] = "uniform"
+
+    @model_validator(mode="after")
+    def _check_domains(self) -> "DataConfig":
+        if self.target in self.sources:
+            raise ValueError(f"data.sources: the target {self.target!r} is also listed as a source")
+        dupes = sorted({s for s in self.sources if self.sources.count(s) > 1})
+        if dupes:
+            raise ValueError(f"data.sources: listed more than once: {dupes}")
+        return self
+
+
+class ModelConfig(_Section):
+    backbone: Literal["lru", "sasrec", "gru4rec"] = "lru"
+    hidden: int = Field(64, ge=2)
+    blocks: int = Field(2, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    attn_heads: int = Field(2, ge=1, description="attention heads (sasrec only)")
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0, description="outer learning rate beta (target-only/joint: the only lr)")
+    weight_decay: float = Field(0.01, ge=0)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    grad_clip: float | None = Field(5.0, gt=0)
+    max_steps: int = Field(2000, ge=1, description="optimizer steps (meta iterations for MetaRec)")
+    eval_every: int = Field(200, ge=1)
+    patience: int = Field(10, ge=1, description="evaluations without improvement before early stop")
+    eval_batch_size: int = Field(256, ge=1)
+    eval_exclude_history: bool = True
+    source_negatives: int = Field(0, ge=0, description="sampled-softmax negatives for source domains; 0 = full softmax")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    checkpoint_every: int = Field(0, ge=0, description="write a resumable checkpoint every N steps (0 = only best)")
+    keep_checkpoints: int = Field(2, ge=1)
+    progress: bool = True
+
+
+class VQConfig(_Section):
+    enabled: bool = True
+    heads: int = Field(4, ge=1)
+    source_output: Literal["quantized", "raw"] = "quantized"
+    weight: float = Field(1.0, ge=0, description="coefficient of L_vq in the source loss")
+    chunk_size: int = Field(4096, ge=1, description="rows per similarity chunk (memory O(chunk x K_t))")
+
+
+class MetaConfig(_Section):
+    enabled: bool = True
+    tasks_per_iter: int = Field(3, ge=1, description="n: source tasks per meta iteration")
+    inner_steps: int = Field(1, ge=1)
+    inner_lr: float = Field(1e-2, gt=0, description="inner learning rate alpha")
+    first_order: bool = False
+    source_params: Literal["persist_inner", "meta_only"] = "persist_inner"
+    source_batch_size: int | None = Field(None, ge=1, description="default: train.batch_size")
+
+
+class RescaleConfig(_Section):
+    enabled: bool = True
+    tau: float = Field(1.0, gt=0, description="softmax temperature")
+    direction: Literal["source_descent", "paper_literal"] = "source_descent"
+
+
+class RayConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_task_retries: int = Field(3, ge=0)
+    fail_task_once: list[int] = Field(default_factory=list, description="fault injection: task indices whose worker dies once")
+    fail_iteration: int | None = Field(None, description="fault injection: iteration at which fail_task_once applies")
+
+
+class Config(_Section):
+    name: str = "metarec"
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    vq: VQConfig = Field(default_factory=VQConfig)
+    meta: MetaConfig = Field(default_factory=MetaConfig)
+    rescale: RescaleConfig = Field(default_factory=RescaleConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "Config":
+        if self.vq.enabled and self.model.hidden % self.vq.heads:
+            raise ValueError(f"vq.heads: {self.vq.heads} does not divide model.hidden={self.model.hidden}")
+        if self.model.backbone == "sasrec" and self.model.hidden % self.model.attn_heads:
+            raise ValueError(f"model.attn_heads: {self.model.attn_heads} does not divide model.hidden={self.model.hidden}")
+        return self
+
+    @property
+    def method(self) -> str:
+        """'target_only' without sources, 'joint' with meta disabled, else 'metarec'."""
+        if not self.data.sources:
+            return "target_only"
+        return "metarec" if self.meta.enabled else "joint"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- key handling
+
+
+def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
+    return dict(model.model_fields)
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, dotted + "."))
+    return keys
+
+
+def suggest_key(key: str) -> str:
+    """Nearest valid dotted key to `key` ('' if none is close)."""
+    valid = _valid_keys(Config)
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not match:
+        leaf = key.rsplit(".", 1)[-1]
+        match = [k for k in valid if k.rsplit(".", 1)[-1] in difflib.get_close_matches(leaf, [v.rsplit(".", 1)[-1] for v in valid], n=1, cutoff=0.6)]
+    return match[0] if match else ""
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
+        if e["type"] == "extra_forbidden":
+            hint = suggest_key(loc)
+            msg = f"{source}: unknown key '{loc}'" + (f" (did you mean '{hint}'?)" if hint else "")
+        elif e["type"] == "missing":
+            msg = f"{source}: missing required key '{loc}'"
+        else:
+            where = f" '{loc}'" if loc else ""
+            text = e["msg"].removeprefix("Value error, ")
+            msg = f"{source}: invalid value for{where}: {text}" if loc else f"{source}: {text}"
+        lines.append(msg)
+    return "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=value' -> (['a', 'b'], yaml-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply `--set` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw, str(path))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

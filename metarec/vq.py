@@ -1,0 +1,66 @@
+"""Multi-head vector quantization onto the target item table (MetaRec §III-B).
+
+The codebook is the target table `items.<target>` rows 1..K_t viewed as H heads of
+width d/H; no parameters of its own. A source embedding is split into the same H
+heads and each head is replaced by the codebook row of highest cosine similarity in
+that head, so with H > 1 a source item can map to a combination of target items that
+no single target item has.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, heads: int, chunk_size: int = 4096) -> torch.Tensor:
+    """Head-wise cosine nearest neighbour (paper Eq. 2).
+
+    z: (N, d) vectors, codebook: (K, d). Returns (N, H) indices into the codebook.
+    Computed under no_grad in chunks of `chunk_size` rows, so memory is
+    O(chunk_size x K) and never O(N x K).
+    """
+    n, d = z.shape
+    if d % heads:
+        raise ValueError(f"vq heads={heads} does not divide the embedding width {d}")
+    w = d // heads
+    zh = F.normalize(z.reshape(n, heads, w), dim=-1)
+    ch = F.normalize(codebook.reshape(-1, heads, w), dim=-1).transpose(0, 1)  # (H, K, w)
+    out = torch.empty(n, heads, dtype=torch.long, device=z.device)
+    for start in range(0, n, chunk_size):
+        part = zh[start : start + chunk_size].transpose(0, 1)  # (H, c, w)
+        sims = torch.bmm(part, ch.transpose(1, 2))  # (H, c, K)
+        out[start : start + chunk_size] = sims.argmax(dim=-1).transpose(0, 1)
+    return out
+
+
+def gather_codes(codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """z_q: concatenate, per head h, the h-th slice of codebook row codes[:, h]. (N, d)."""
+    n, heads = codes.shape
+    d = codebook.shape[1]
+    w = d // heads
+    ch = codebook.reshape(-1, heads, w)  # (K, H, w)
+    head_idx = torch.arange(heads, device=codes.device).expand(n, heads)
+    return ch[codes, head_idx].reshape(n, d)
+
+
+def vq_loss(z_e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+    """Per-row L_vq = ||z_q - sg(z_e)||^2 + ||sg(z_q) - z_e||^2 (paper Eq. 3). Shape (N,)."""
+    return ((z_q - z_e.detach()) ** 2).sum(-1) + ((z_q.detach() - z_e) ** 2).sum(-1)
+
+
+def straight_through(z_e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+    """z_e + sg(z_q - z_e): forward value z_q, gradient to z_e (paper Eq. 2, STE)."""
+    return z_e + (z_q - z_e).detach()
+
+
+def quantize(z_e: torch.Tensor, codebook: torch.Tensor, heads: int, chunk_size: int = 4096):
+    """Quantize rows of `z_e` onto `codebook`.
+
+    Returns (z_st, z_q, loss_rows): the straight-through vectors the encoder sees, the
+    quantized vectors (differentiable w.r.t. the codebook) and per-row L_vq.
+    """
+    codes = nearest_codes(z_e.detach(), codebook.detach(), heads, chunk_size)
+    z_q = gather_codes(codebook, codes)
+    return straight_through(z_e, z_q), z_q, vq_loss(z_e, z_q)
