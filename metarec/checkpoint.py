@@ -1,0 +1,163 @@
+"""Checkpoints: safetensors for tensors + JSON for everything else. Never pickle.
+
+A checkpoint is a directory `<run>/checkpoints/<tag>/` holding
+- `tensors.safetensors`: model parameters (`param/<name>`), optimizer state
+  (`optim/<name>/<key>`) and the torch RNG state (`rng/torch`);
+- `state.json`: counters, best-so-far, sampler/numpy RNG state, optimizer
+  hyper-parameters, and `"complete": true` written last.
+It is written into a temporary sibling and renamed into place, so a reader sees
+either the whole checkpoint or none; a directory without a readable, complete
+`state.json` (a torn write from another tool, a disk that filled up) is skipped with
+a warning by `latest_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from metarec import fs
+from metarec.errors import CheckpointError
+
+TENSORS = "tensors.safetensors"
+STATE = "state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class Checkpoint:
+    params: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    torch_rng: torch.Tensor | None
+    state: dict[str, Any]
+
+
+def _optimizer_to_flat(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split optimizer.state_dict() into tensors keyed by parameter *name* and a JSON part."""
+    sd = optimizer.state_dict()
+    flat: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        name = names[pid]
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                flat[f"optim/{name}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(name, {})[key] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[p] for p in g["params"]]} for g in sd["param_groups"]]
+    return flat, {"scalars": scalars, "param_groups": groups}
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict, order: list[str]) -> dict:
+    index = {name: i for i, name in enumerate(order)}
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if not key.startswith("optim/"):
+            continue
+        _, rest = key.split("/", 1)
+        name, sub = rest.rsplit("/", 1)
+        state.setdefault(index[name], {})[sub] = value
+    for name, scal in meta["scalars"].items():
+        state.setdefault(index[name], {}).update(scal)
+    groups = [dict(g, params=[index[n] for n in g["params"]]) for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(
+    uri: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    *,
+    include_rng: bool = True,
+) -> None:
+    """Write a checkpoint atomically to `uri` (local path or s3://)."""
+    names = {}
+    ordered = []
+    for name, p in model.named_parameters():
+        ordered.append(name)
+        names[id(p)] = name
+    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters()}
+    full_state = dict(state)
+    if optimizer is not None:
+        pid_names = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                pid_names[len(pid_names)] = names[id(p)]
+        flat, meta = _optimizer_to_flat(optimizer, pid_names)
+        tensors.update(flat)
+        full_state["optimizer"] = meta
+        full_state["optimizer_order"] = list(pid_names.values())
+    if include_rng:
+        tensors["rng/torch"] = torch.get_rng_state()
+    full_state["complete"] = True
+    with fs.atomic_dir(uri) as tmp:
+        fs.write_bytes(f"{tmp}/{TENSORS}", st_save(tensors))
+        fs.write_bytes(f"{tmp}/{STATE}", json.dumps(full_state, indent=1, sort_keys=True).encode())
+
+
+def load_checkpoint(uri: str) -> Checkpoint:
+    """Read a checkpoint; CheckpointError names what is missing or broken."""
+    state_uri = f"{uri}/{STATE}"
+    tensors_uri = f"{uri}/{TENSORS}"
+    if not fs.exists(state_uri) or not fs.exists(tensors_uri):
+        raise CheckpointError(f"{uri}: no checkpoint here (expected {STATE} and {TENSORS})")
+    try:
+        state = json.loads(fs.read_bytes(state_uri))
+        tensors = st_load(fs.read_bytes(tensors_uri))
+    except (ValueError, OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{uri}: unreadable checkpoint: {err}") from None
+    if not state.get("complete"):
+        raise CheckpointError(f"{uri}: incomplete checkpoint (no 'complete' marker)")
+    params = {k[len("param/") :]: v for k, v in tensors.items() if k.startswith("param/")}
+    optim = None
+    if "optimizer" in state:
+        optim = _optimizer_from_flat(tensors, state["optimizer"], state["optimizer_order"])
+    return Checkpoint(params=params, optimizer=optim, torch_rng=tensors.get("rng/torch"), state=state)
+
+
+def restore_model(model: torch.nn.Module, params: dict[str, torch.Tensor], where: str) -> None:
+    own = dict(model.named_parameters())
+    missing = sorted(set(own) - set(params))
+    extra = sorted(set(params) - set(own))
+    if missing or extra:
+        raise CheckpointError(f"{where}: checkpoint does not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
+    with torch.no_grad():
+        for name, p in own.items():
+            if p.shape != params[name].shape:
+                raise CheckpointError(f"{where}: tensor {name} has shape {tuple(params[name].shape)}, model expects {tuple(p.shape)}")
+            p.copy_(params[name].to(p.device))
+
+
+def step_checkpoints(root: str) -> list[tuple[int, str]]:
+    """(step, uri) of the `step-N` checkpoint directories under `root`, ascending."""
+    if not fs.exists(root):
+        return []
+    found = []
+    for name in fs.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m:
+            found.append((int(m.group(1)), f"{root}/{name}"))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str) -> Checkpoint | None:
+    """The newest complete step checkpoint under `root`; torn ones are skipped with a warning."""
+    for step, uri in reversed(step_checkpoints(root)):
+        try:
+            return load_checkpoint(uri)
+        except CheckpointError as err:
+            warnings.warn(f"skipping torn checkpoint: {err}", stacklevel=2)
+    return None
+
+
+def prune_checkpoints(root: str, keep: int) -> None:
+    for _step, uri in step_checkpoints(root)[:-keep]:
+        fs.remove_dir(uri)

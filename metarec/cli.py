@@ -1,0 +1,104 @@
+"""`metarec` command line. User-facing errors print as one line, exit status 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from metarec.errors import MetaRecError
+
+
+def _user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MetaRecError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="metarec")
+def main() -> None:
+    """metarec: meta-training for transferable sequential recommendation (MetaRec)."""
+
+
+@main.command()
+@click.argument("input_uri")
+@click.option("--format", "fmt", type=click.Choice(["sequences", "interactions"]), default="sequences", show_default=True)
+@click.option("--name", required=True, help="domain name (directory under --out)")
+@click.option("--out", "out_root", required=True, help="root of prepared domains (local dir or s3://...)")
+@click.option("--user-col", default="user", show_default=True)
+@click.option("--item-col", default="item", show_default=True)
+@click.option("--time-col", default="timestamp", show_default=True)
+@click.option("--rating-col", default=None, help="rating column (with --min-rating)")
+@click.option("--min-rating", type=float, default=None, help="keep interactions with rating >= this")
+@click.option("--min-user", type=int, default=0, show_default=True, help="k-core: min interactions per user")
+@click.option("--min-item", type=int, default=0, show_default=True, help="k-core: min interactions per item")
+@click.option("--overwrite", is_flag=True, help="replace an existing, different domain of the same name")
+@_user_errors
+def prepare(input_uri, fmt, name, out_root, user_col, item_col, time_col, rating_col, min_rating, min_user, min_item, overwrite):
+    """Prepare INPUT_URI (file or s3:// URI) as domain NAME under --out."""
+    from metarec.data.prepare import prepare_domain
+
+    path = prepare_domain(
+        input_uri, out_root, name, fmt,
+        user_col=user_col, item_col=item_col, time_col=time_col, rating_col=rating_col,
+        min_rating=min_rating, min_user=min_user, min_item=min_item, overwrite=overwrite,
+    )
+    from metarec import fs
+
+    click.echo(fs.read_bytes(f"{path}/manifest.json").decode())
+
+
+def _load(config_path, overrides):
+    from metarec.config import load_config
+
+    return load_config(config_path, overrides)
+
+
+@main.command()
+@click.argument("config_path", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config key, e.g. --set train.lr=3e-4")
+@click.option("--out", "out_dir", default=None, help="run directory (local or s3://); default runs/<name>")
+@click.option("--resume", is_flag=True, help="continue from the newest complete checkpoint in the run directory")
+@click.option("--ray", "use_ray", is_flag=True, help="run source tasks in Ray actors on a local Ray instance")
+@click.option("--ray-address", default=None, help="join a Ray cluster (auto or ADDRESS) and run source tasks there")
+@_user_errors
+def train(config_path, overrides, out_dir, resume, use_ray, ray_address):
+    """Train per CONFIG_PATH; writes config.yaml, history.jsonl, metrics.json, checkpoints/."""
+    from metarec import fs
+    from metarec.errors import ConfigError
+    from metarec.train import train as run_training
+
+    cfg = _load(config_path, overrides)
+    out_dir = out_dir or f"runs/{cfg.name}"
+    if not resume and fs.exists(f"{out_dir}/config.yaml"):
+        raise ConfigError(f"{out_dir}: run directory already holds a run; pass --resume to continue it or --out for a new one")
+    runner_factory = None
+    if use_ray or ray_address:
+        from metarec.runners.ray_runner import ray_runner_factory
+
+        runner_factory = ray_runner_factory(address=ray_address)
+    metrics = run_training(cfg, out_dir, resume=resume, runner_factory=runner_factory)
+    click.echo(json.dumps({"run_dir": out_dir, "best_step": metrics["best_step"], "test": metrics["test"]}, indent=1))
+
+
+@main.command()
+@click.argument("run_dir")
+@_user_errors
+def evaluate(run_dir):
+    """Recompute RUN_DIR's test metrics from its best checkpoint; print them as JSON."""
+    from metarec.train import evaluate_run
+
+    click.echo(json.dumps(evaluate_run(run_dir), indent=1))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

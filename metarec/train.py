@@ -1,0 +1,323 @@
+"""The training loop: target-only, joint, or MetaRec, locally or with Ray workers.
+
+Read it top to bottom: build data and model, then per step either
+- target-only: one AdamW step on the target cross-entropy;
+- joint (`meta.enabled: false`): one step on source + target losses of the sampled tasks;
+- MetaRec: the runner computes each task's meta gradient (`run_task`), the driver
+  softmax-rescales them per tensor and applies the outer update (DESIGN §4);
+validate every `eval_every` steps, keep the best-validation checkpoint, stop early,
+test once with the best parameters.
+
+The run directory (local or s3://) holds `config.yaml`, `history.jsonl`,
+`metrics.json` and `checkpoints/{best,step-N}`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from metarec import fs
+from metarec.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_model,
+    save_checkpoint,
+)
+from metarec.config import Config, dump_config
+from metarec.data.batches import TrainWindows
+from metarec.data.domain import Domain, load_domains
+from metarec.errors import CheckpointError, NonFiniteError
+from metarec.eval import evaluate
+from metarec.meta.joint import joint_loss
+from metarec.meta.outer import apply_meta_update
+from metarec.meta.run_task import TaskContext
+from metarec.meta.tasks import TaskSampler
+from metarec.models.recommender import Recommender
+from metarec.objective import domain_loss, last_position_scores
+
+BEST = "best"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    params = list(model.parameters())
+    if t.optimizer == "sgd":  # plain SGD with beta reproduces paper Eq. 8
+        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+@dataclass
+class Problem:
+    """Data and model of one run, built once from the config (also by Ray workers)."""
+
+    cfg: Config
+    domains: dict[str, Domain]
+    windows: dict[str, TrainWindows]
+    model: Recommender
+    device: torch.device
+
+    @property
+    def target(self) -> str:
+        return self.cfg.data.target
+
+    def task_context(self) -> TaskContext:
+        return TaskContext(model=self.model, windows=self.windows, cfg=self.cfg, target=self.target, device=self.device)
+
+
+def build_problem(cfg: Config, device: torch.device | None = None) -> Problem:
+    """Load the domains, build training windows and the (seeded) model."""
+    device = device or resolve_device(cfg.train.device)
+    names = [cfg.data.target, *cfg.data.sources]
+    domains = load_domains(cfg.data.root, names)
+    if cfg.data.target_users:
+        domains[cfg.data.target] = domains[cfg.data.target].subsample_users(cfg.data.target_users, cfg.seed)
+    windows = {}
+    for name, dom in domains.items():
+        max_len = cfg.data.max_len if name == cfg.data.target else (cfg.data.source_max_len or cfg.data.max_len)
+        windows[name] = TrainWindows(dom.train_sequences(), max_len)
+    torch.manual_seed(cfg.seed)
+    model = Recommender({n: d.n_items for n, d in domains.items()}, cfg.model).to(device)
+    return Problem(cfg=cfg, domains=domains, windows=windows, model=model, device=device)
+
+
+def target_metrics(problem: Problem, split: str) -> dict[str, float]:
+    """Full-ranking metrics of the current parameters on the target's val or test split."""
+    cfg, model = problem.cfg, problem.model
+    histories, targets = problem.domains[problem.target].eval_examples(split)
+    params = dict(model.named_parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate(
+            lambda inputs: last_position_scores(model, params, problem.target, inputs.to(problem.device)),
+            histories,
+            targets,
+            cfg.data.max_len,
+            batch_size=cfg.train.eval_batch_size,
+            exclude_history=cfg.train.eval_exclude_history,
+        )
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class RunState:
+    """Counters and best-so-far: everything besides tensors that a resume needs."""
+
+    step: int = 0
+    best_step: int = -1
+    best_ndcg: float = -1.0
+    best_val: dict[str, float] = field(default_factory=dict)
+    evals_since_best: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _check_finite(model: torch.nn.Module, loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"iteration {step}: loss is {loss.item()}")
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            raise NonFiniteError(f"iteration {step}: non-finite gradient in tensor '{name}'")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out_dir: str, runner_factory: Callable[[Problem], Any] | None = None):
+        self.cfg = cfg
+        self.out = out_dir.rstrip("/")
+        self.problem = build_problem(cfg)
+        self.model = self.problem.model
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.state = RunState()
+        t = self.problem.target
+        self.sampler = TaskSampler(
+            sources=list(cfg.data.sources),
+            source_sizes={s: len(self.problem.windows[s]) for s in cfg.data.sources},
+            target_size=len(self.problem.windows[t]),
+            n_tasks=cfg.meta.tasks_per_iter,
+            source_batch_size=cfg.meta.source_batch_size or cfg.train.batch_size,
+            target_batch_size=cfg.train.batch_size,
+            sampling=cfg.data.source_sampling,
+            seed=cfg.seed,
+        )
+        self.target_rng = np.random.default_rng(cfg.seed)  # target-only batches
+        self.runner = None
+        if cfg.method == "metarec":
+            if runner_factory is None:
+                from metarec.runners.local import LocalRunner
+
+                runner_factory = lambda problem: LocalRunner(problem.task_context())  # noqa: E731
+            self.runner = runner_factory(self.problem)
+
+    # ------------------------------------------------------------------ steps
+
+    def _target_only_step(self, step: int) -> dict[str, float]:
+        windows = self.problem.windows[self.problem.target]
+        inputs, labels = windows.batch(windows.sample_rows(self.target_rng, self.cfg.train.batch_size))
+        params = dict(self.model.named_parameters())
+        parts = domain_loss(self.model, params, self.problem.target, inputs.to(self.problem.device), labels.to(self.problem.device), target=self.problem.target)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        return self._finish_step(parts.total, step, {"target_loss": parts.rec.item()})
+
+    def _joint_step(self, step: int) -> dict[str, float]:
+        specs = self.sampler.sample(step)
+        params = dict(self.model.named_parameters())
+        loss, stats = joint_loss(self.model, params, specs, self.problem.task_context())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return self._finish_step(loss, step, stats)
+
+    def _finish_step(self, loss: torch.Tensor, step: int, stats: dict[str, float]) -> dict[str, float]:
+        _check_finite(self.model, loss, step)
+        if self.cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        return {"loss": loss.item(), **stats}
+
+    def _meta_step(self, step: int) -> dict[str, Any]:
+        specs = self.sampler.sample(step)
+        theta = {n: p.detach() for n, p in self.model.named_parameters()}
+        results = self.runner.run_tasks(theta, specs)
+        self.optimizer.zero_grad(set_to_none=True)
+        params = dict(self.model.named_parameters())
+        return apply_meta_update(params, self.optimizer, results, self.cfg, step)
+
+    def step(self, step: int) -> dict[str, Any]:
+        self.model.train()
+        if self.cfg.method == "target_only":
+            return self._target_only_step(step)
+        if self.cfg.method == "joint":
+            return self._joint_step(step)
+        return self._meta_step(step)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _state_payload(self) -> dict[str, Any]:
+        return {"run": self.state.to_json(), "sampler": self.sampler.state_dict(), "target_rng": self.target_rng.bit_generator.state, "config": self.cfg.to_dict()}
+
+    def save(self, tag: str, with_optimizer: bool) -> None:
+        save_checkpoint(f"{self.out}/checkpoints/{tag}", self.model, self.optimizer if with_optimizer else None, self._state_payload())
+
+    def resume(self) -> bool:
+        ckpt = latest_checkpoint(f"{self.out}/checkpoints")
+        if ckpt is None:
+            return False
+        restore_model(self.model, ckpt.params, self.out)
+        if ckpt.optimizer is None:
+            raise CheckpointError(f"{self.out}: step checkpoint has no optimizer state")
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        if ckpt.torch_rng is not None:
+            torch.set_rng_state(ckpt.torch_rng)
+        self.sampler.load_state_dict(ckpt.state["sampler"])
+        self.target_rng.bit_generator.state = ckpt.state["target_rng"]
+        self.state = RunState(**ckpt.state["run"])
+        return True
+
+    def _write_history(self) -> None:
+        lines = "".join(json.dumps(r) + "\n" for r in self.state.history)
+        fs.atomic_write_bytes(f"{self.out}/history.jsonl", lines.encode())
+
+    # ------------------------------------------------------------------- loop
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        cfg = self.cfg
+        fs.makedirs(self.out)
+        fs.atomic_write_bytes(f"{self.out}/config.yaml", dump_config(cfg).encode())
+        if resume and self.resume():
+            print(f"resumed {self.out} at step {self.state.step}")
+        bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, disable=not cfg.train.progress, desc=f"{cfg.name} [{cfg.method}]", dynamic_ncols=True)
+        t0 = time.perf_counter()
+        while self.state.step < cfg.train.max_steps:
+            step = self.state.step
+            info = self.step(step)
+            self.state.step = step + 1
+            row = {"step": step + 1, **{k: v for k, v in info.items() if isinstance(v, (int, float, dict))}}
+            bar.update(1)
+            bar.set_postfix(loss=f"{info.get('loss', info.get('target_loss', float('nan'))):.4f}", refresh=False)
+            stop = False
+            if (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.max_steps:
+                val = target_metrics(self.problem, "val")
+                row["val"] = val
+                row["seconds"] = round(time.perf_counter() - t0, 2)
+                if val["NDCG@10"] > self.state.best_ndcg:
+                    self.state.best_ndcg, self.state.best_step, self.state.best_val = val["NDCG@10"], step + 1, val
+                    self.state.evals_since_best = 0
+                    self.save(BEST, with_optimizer=False)
+                else:
+                    self.state.evals_since_best += 1
+                    stop = self.state.evals_since_best >= cfg.train.patience
+                bar.write(f"step {step + 1}: val NDCG@10 {val['NDCG@10']:.5f} (best {self.state.best_ndcg:.5f} @ {self.state.best_step})")
+            self.state.history.append(row)
+            if "val" in row:
+                self._write_history()
+            if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
+                self._write_history()
+                self.save(f"step-{step + 1:08d}", with_optimizer=True)
+                prune_checkpoints(f"{self.out}/checkpoints", cfg.train.keep_checkpoints)
+            if stop:
+                bar.write(f"early stop at step {step + 1}: no improvement in {cfg.train.patience} evaluations")
+                break
+        bar.close()
+        self._write_history()
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        best = load_checkpoint(f"{self.out}/checkpoints/{BEST}")
+        restore_model(self.model, best.params, self.out)
+        test = target_metrics(self.problem, "test")
+        metrics = {
+            "method": self.cfg.method,
+            "best_step": self.state.best_step,
+            "steps": self.state.step,
+            "val": self.state.best_val,
+            "test": test,
+            "source_weights": _weights_over_time(self.state.history),
+        }
+        fs.atomic_write_bytes(f"{self.out}/metrics.json", json.dumps(metrics, indent=1).encode())
+        if self.runner is not None:
+            self.runner.close()
+        return metrics
+
+
+def _weights_over_time(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"step": r["step"], **r["weights"]} for r in history if isinstance(r.get("weights"), dict)]
+
+
+def train(cfg: Config, out_dir: str, *, resume: bool = False, runner_factory=None) -> dict[str, Any]:
+    """Train per `cfg` into `out_dir`; returns the metrics written to metrics.json."""
+    return Trainer(cfg, out_dir, runner_factory).fit(resume=resume)
+
+
+def evaluate_run(run_dir: str) -> dict[str, float]:
+    """Recompute the test metrics of a run directory from its best checkpoint."""
+    from metarec.config import config_from_dict
+    import yaml
+
+    run_dir = run_dir.rstrip("/")
+    cfg_uri = f"{run_dir}/config.yaml"
+    if not fs.exists(cfg_uri):
+        raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = config_from_dict(yaml.safe_load(fs.read_bytes(cfg_uri)), cfg_uri)
+    problem = build_problem(cfg)
+    best = load_checkpoint(f"{run_dir}/checkpoints/{BEST}")
+    restore_model(problem.model, best.params, run_dir)
+    return target_metrics(problem, "test")
