@@ -100,5 +100,19 @@ def evaluate(run_dir):
     click.echo(json.dumps(evaluate_run(run_dir), indent=1))
 
 
+@main.command()
+@click.option("--out", "out_dir", default="runs/demo", show_default=True, help="where data, runs and demo.json go")
+@click.option("--quick", is_flag=True, help="shorter budget (CI)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_user_errors
+def demo(out_dir, quick, seed):
+    """Synthetic multi-domain problem: target-only LRURec vs MetaRec, side by side."""
+    from metarec.demo import format_table, run_demo
+
+    table = run_demo(out_dir, quick=quick, seed=seed)
+    click.echo(format_table(table))
+    click.echo(f"runs, plots and demo.json under {out_dir}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

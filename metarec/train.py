@@ -125,6 +125,9 @@ class RunState:
     best_ndcg: float = -1.0
     best_val: dict[str, float] = field(default_factory=dict)
     evals_since_best: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    evals: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -245,19 +248,23 @@ class Trainer:
         if resume and self.resume():
             print(f"resumed {self.out} at step {self.state.step}")
         bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, disable=not cfg.train.progress, desc=f"{cfg.name} [{cfg.method}]", dynamic_ncols=True)
-        t0 = time.perf_counter()
         while self.state.step < cfg.train.max_steps:
             step = self.state.step
+            t_step = time.perf_counter()
             info = self.step(step)
+            self.state.train_seconds += time.perf_counter() - t_step
             self.state.step = step + 1
             row = {"step": step + 1, **{k: v for k, v in info.items() if isinstance(v, (int, float, dict))}}
             bar.update(1)
             bar.set_postfix(loss=f"{info.get('loss', info.get('target_loss', float('nan'))):.4f}", refresh=False)
             stop = False
             if (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.max_steps:
+                t_eval = time.perf_counter()
                 val = target_metrics(self.problem, "val")
+                self.state.eval_seconds += time.perf_counter() - t_eval
+                self.state.evals += 1
                 row["val"] = val
-                row["seconds"] = round(time.perf_counter() - t0, 2)
+                row["train_seconds"] = round(self.state.train_seconds, 2)
                 if val["NDCG@10"] > self.state.best_ndcg:
                     self.state.best_ndcg, self.state.best_step, self.state.best_val = val["NDCG@10"], step + 1, val
                     self.state.evals_since_best = 0
@@ -288,6 +295,9 @@ class Trainer:
             "method": self.cfg.method,
             "best_step": self.state.best_step,
             "steps": self.state.step,
+            "train_seconds": round(self.state.train_seconds, 3),
+            "eval_seconds": round(self.state.eval_seconds, 3),
+            "eval_users_per_s": round(self.state.evals * self.state.best_val.get("n_users", 0) / max(self.state.eval_seconds, 1e-9), 1),
             "val": self.state.best_val,
             "test": test,
             "source_weights": _weights_over_time(self.state.history),

@@ -1,0 +1,114 @@
+"""Full-ranking evaluation (DESIGN §5).
+
+Every item 1..K of the domain is ranked; there is no negative sampling. Users are
+processed in chunks, so peak memory is O(batch_size × K), never O(users × K).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from metarec.errors import NonFiniteError
+
+METRIC_KS = (5, 10, 20)
+
+
+def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """1-based rank of each target among the candidate items. (B,) long.
+
+    scores:  (B, K+1), column 0 = padding; targets: (B,) item ids in 1..K;
+    exclude: (B, L) item ids (0 = padding), typically the input window, or None.
+
+    Candidates are items 1..K: the padding column is never one, and neither are the
+    items in `exclude` (LRURec sets their scores to -inf) — except the target itself,
+    which is always ranked even when it occurs in the window (the user may re-consume).
+    With exclude=None every item 1..K is a candidate.
+
+    Ties are pessimistic: rank = 1 + #{candidates j != target : s_j > s_target}
+    + #{candidates j != target : s_j == s_target}, i.e. the target is placed after
+    every item it ties with, so a constant-score model gets the worst rank, not rank 1.
+    NaN scores raise NonFiniteError (a NaN never compares higher and would look perfect).
+    """
+    if scores.ndim != 2 or targets.shape != scores.shape[:1]:
+        raise ValueError(f"expected scores (B, K+1) and targets (B,), got {tuple(scores.shape)} and {tuple(targets.shape)}")
+    if torch.isnan(scores).any():
+        raise NonFiniteError("evaluation: the model produced NaN scores")
+    targets = targets.to(scores.device, torch.long).unsqueeze(1)
+    n_cols = scores.shape[1]
+    if bool(((targets < 1) | (targets >= n_cols)).any()):
+        raise ValueError(f"evaluation: target item ids must lie in 1..{n_cols - 1}")
+    candidate = torch.ones_like(scores, dtype=torch.bool)
+    candidate[:, 0] = False
+    if exclude is not None:
+        candidate.scatter_(1, exclude.to(scores.device, torch.long), False)
+    candidate.scatter_(1, targets, False)  # the target is compared against, not counted
+    target_score = scores.gather(1, targets)
+    return 1 + ((scores >= target_score) & candidate).sum(dim=1)
+
+
+def metrics_from_ranks(ranks: torch.Tensor | np.ndarray | Sequence[int], ks: Sequence[int] = METRIC_KS) -> dict[str, float]:
+    """Means over users of NDCG@k = [rank <= k] / log2(rank + 1), Recall@k = [rank <= k]
+    (one relevant item per user), and MRR = 1 / rank over the full ranking."""
+    ranks = torch.as_tensor(ranks, dtype=torch.float64)
+    if ranks.numel() == 0:
+        raise ValueError("evaluation: no users to evaluate")
+    if bool((ranks < 1).any()):
+        raise ValueError("evaluation: ranks are 1-based")
+    metrics: dict[str, float] = {}
+    for k in ks:
+        metrics[f"NDCG@{k}"] = float(torch.where(ranks <= k, 1.0 / torch.log2(ranks + 1), 0.0).mean())
+    for k in ks:
+        metrics[f"Recall@{k}"] = float((ranks <= k).double().mean())
+    metrics["MRR"] = float((1.0 / ranks).mean())
+    return metrics
+
+
+def _left_pad(seqs: Sequence[np.ndarray], max_len: int) -> np.ndarray:
+    """The last max_len items of each sequence, right-aligned, 0 in front. (B, max_len) int64."""
+    out = np.zeros((len(seqs), max_len), dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        tail = np.asarray(seq, dtype=np.int64)[-max_len:] if max_len else np.empty(0, np.int64)
+        if tail.size:
+            out[row, -tail.size :] = tail
+    return out
+
+
+def evaluate(
+    score_fn: Callable[[torch.Tensor], torch.Tensor],
+    histories: Sequence[np.ndarray],
+    targets: np.ndarray,
+    max_len: int,
+    *,
+    batch_size: int = 256,
+    exclude_history: bool = True,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict[str, float]:
+    """Full-ranking metrics of `score_fn` on (history -> target) pairs.
+
+    Each history is cut to its last `max_len` items and left-padded; `score_fn` maps
+    those inputs (B, max_len) long on `device` to scores (B, K+1) and runs under
+    `torch.no_grad`. With `exclude_history` the items of the input window are not
+    ranked (see `rank_of_targets`). Returns `metrics_from_ranks` plus "n_users".
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    if len(histories) != len(targets):
+        raise ValueError(f"evaluation: {len(histories)} histories but {len(targets)} targets")
+    if batch_size < 1 or max_len < 1:
+        raise ValueError("evaluation: batch_size and max_len must be positive")
+    ranks = []
+    starts = range(0, len(targets), batch_size)
+    for start in tqdm(starts, total=math.ceil(len(targets) / batch_size), desc="evaluate", unit="batch", disable=not progress):
+        stop = start + batch_size
+        inputs = torch.from_numpy(_left_pad(histories[start:stop], max_len)).to(device)
+        with torch.no_grad():
+            scores = score_fn(inputs)
+            ranks.append(rank_of_targets(scores, torch.from_numpy(targets[start:stop]), inputs if exclude_history else None).cpu())
+    metrics = metrics_from_ranks(torch.cat(ranks) if ranks else torch.empty(0))
+    metrics["n_users"] = len(targets)
+    return metrics

@@ -1,0 +1,139 @@
+"""LRURec encoder (Yue et al., WSDM 2024, "Linear Recurrent Units for Sequential Recommendation").
+
+Per block: an LRU layer (Orvieto et al., ICML 2023, "Resurrecting Recurrent Neural
+Networks for Long Sequences") followed by a position-wise feed-forward network:
+
+    λ   = exp(-exp(ν) + i·exp(θ))              diagonal, complex, |λ| < 1
+    x_t = λ ⊙ x_{t-1} + γ ⊙ (B u_t)            γ = exp(γ_log), init sqrt(1 - |λ|²)
+    y_t = LayerNorm(u_t + Dropout(Re(C x_t)))  residual, as in LRURec
+    out = LayerNorm(y + Dropout(W₂ Dropout(GELU(W₁ y))))   W₁: d -> 4d
+
+The state has N = 2d complex channels (as in LRURec). Every parameter is real so the
+meta-learning code (cosines, clipping, safetensors) never meets a complex tensor:
+B is stored as one real `Linear(d, 2N)` giving [Re(B u); Im(B u)], and C as one real
+`Linear(2N, d)` on [Re x; Im x], which equals Re(C x) for C = W[:, :N] - i·W[:, N:].
+The complex recurrence itself runs in real arithmetic.
+
+Padding: the recurrence input γ ⊙ (B u_t) is multiplied by the mask, so the state is
+exactly zero through left padding whatever the LayerNorm/bias values are, and a real
+position never sees a padding one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metarec.config import ModelConfig
+
+
+def complex_mul(a_re: torch.Tensor, a_im: torch.Tensor, b_re: torch.Tensor, b_im: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a_re + i a_im)(b_re + i b_im) in real arithmetic."""
+    return a_re * b_re - a_im * b_im, a_re * b_im + a_im * b_re
+
+
+def lru_scan(
+    lam_re: torch.Tensor, lam_im: torch.Tensor, u_re: torch.Tensor, u_im: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear recurrence x_t = λ ⊙ x_{t-1} + u_t, x_{-1} = 0, along dim 1 of (B, L, N).
+
+    Parallel prefix scan in ceil(log2 L) vectorised steps (Hillis–Steele form of the
+    associative scan over (λ^k, x) pairs that LRURec's `lru_parallel` also computes):
+    after the step with shift k, x_t holds Σ_{s=t-2k+1..t} λ^{t-s} u_s, and λ^k is
+    squared for the next step. Shifts are relative to t, so extra left padding with
+    u = 0 only adds exact zeros to the last positions.
+    """
+    x_re, x_im = u_re, u_im
+    p_re, p_im = lam_re, lam_im  # λ^shift
+    length = u_re.shape[1]
+    shift = 1
+    while shift < length:
+        prev_re = F.pad(x_re[:, :-shift], (0, 0, shift, 0))
+        prev_im = F.pad(x_im[:, :-shift], (0, 0, shift, 0))
+        carry_re, carry_im = complex_mul(p_re, p_im, prev_re, prev_im)
+        x_re, x_im = x_re + carry_re, x_im + carry_im
+        p_re, p_im = complex_mul(p_re, p_im, p_re, p_im)
+        shift *= 2
+    return x_re, x_im
+
+
+class LRULayer(nn.Module):
+    """One linear recurrent unit with residual, dropout and LayerNorm (LRURec `LRULayer`)."""
+
+    def __init__(self, d: int, dropout: float, r_min: float = 0.8, r_max: float = 0.99, max_phase: float = 2 * math.pi):
+        super().__init__()
+        n = 2 * d
+        # Ring init (Orvieto et al., Lemma 3.2): |λ|² ~ U[r_min², r_max²], arg λ ~ U[0, max_phase].
+        u1, u2 = torch.rand(n), torch.rand(n).clamp(min=1e-4)
+        nu_log = torch.log(-0.5 * torch.log(u1 * (r_max**2 - r_min**2) + r_min**2))
+        theta_log = torch.log(max_phase * u2)
+        modulus = torch.exp(-torch.exp(nu_log))
+        self.nu_log = nn.Parameter(nu_log)
+        self.theta_log = nn.Parameter(theta_log)
+        self.gamma_log = nn.Parameter(torch.log(torch.sqrt(1 - modulus**2)))
+        self.in_proj = nn.Linear(d, 2 * n)  # [Re B; Im B]
+        self.out_proj = nn.Linear(2 * n, d)  # [Re C, -Im C]
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(d)
+
+    def forward(self, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        modulus = torch.exp(-torch.exp(self.nu_log))
+        phase = torch.exp(self.theta_log)
+        lam_re, lam_im = modulus * torch.cos(phase), modulus * torch.sin(phase)
+        bu = self.in_proj(u) * (torch.exp(self.gamma_log).repeat(2) * mask.unsqueeze(-1).to(u.dtype))
+        bu_re, bu_im = bu.chunk(2, dim=-1)
+        x_re, x_im = lru_scan(lam_re, lam_im, bu_re, bu_im)
+        y = self.out_proj(torch.cat([x_re, x_im], dim=-1))
+        return self.layer_norm(u + self.dropout(y))
+
+
+class PositionwiseFeedForward(nn.Module):
+    """LayerNorm(y + Dropout(W₂ Dropout(GELU(W₁ y)))), W₁: d -> 4d (LRURec)."""
+
+    def __init__(self, d: int, dropout: float):
+        super().__init__()
+        self.w_1 = nn.Linear(d, 4 * d)
+        self.w_2 = nn.Linear(4 * d, d)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(d)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        inner = self.dropout(F.gelu(self.w_1(y)))
+        return self.layer_norm(y + self.dropout(self.w_2(inner)))
+
+
+class LRUBlock(nn.Module):
+    def __init__(self, d: int, dropout: float):
+        super().__init__()
+        self.lru = LRULayer(d, dropout)
+        self.feed_forward = PositionwiseFeedForward(d, dropout)
+
+    def forward(self, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.feed_forward(self.lru(u, mask))
+
+
+class LRUEncoder(nn.Module):
+    """f_m for `backbone: lru`: (emb (B, L, d), mask (B, L) bool) -> hidden (B, L, d).
+
+    emb -> LayerNorm(Dropout(emb)) -> blocks; padding positions of the output are zero.
+    Linear weights use LRURec's truncated normal init (std 0.02, ±2σ), biases zero.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(cfg.hidden)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(LRUBlock(cfg.hidden, cfg.dropout) for _ in range(cfg.blocks))
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.layer_norm(self.dropout(emb))
+        for block in self.blocks:
+            h = block(h, mask)
+        return h * mask.unsqueeze(-1).to(h.dtype)
