@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from metarec.data.batches import left_pad
 from metarec.errors import NonFiniteError
 
 METRIC_KS = (5, 10, 20)
@@ -68,16 +69,6 @@ def metrics_from_ranks(ranks: torch.Tensor | np.ndarray | Sequence[int], ks: Seq
     return metrics
 
 
-def _left_pad(seqs: Sequence[np.ndarray], max_len: int) -> np.ndarray:
-    """The last max_len items of each sequence, right-aligned, 0 in front. (B, max_len) int64."""
-    out = np.zeros((len(seqs), max_len), dtype=np.int64)
-    for row, seq in enumerate(seqs):
-        tail = np.asarray(seq, dtype=np.int64)[-max_len:] if max_len else np.empty(0, np.int64)
-        if tail.size:
-            out[row, -tail.size :] = tail
-    return out
-
-
 def evaluate(
     score_fn: Callable[[torch.Tensor], torch.Tensor],
     histories: Sequence[np.ndarray],
@@ -88,7 +79,7 @@ def evaluate(
     exclude_history: bool = True,
     device: str | torch.device = "cpu",
     progress: bool = False,
-) -> dict[str, float]:
+) -> dict[str, float | int]:
     """Full-ranking metrics of `score_fn` on (history -> target) pairs.
 
     Each history is cut to its last `max_len` items and left-padded; `score_fn` maps
@@ -105,10 +96,10 @@ def evaluate(
     starts = range(0, len(targets), batch_size)
     for start in tqdm(starts, total=math.ceil(len(targets) / batch_size), desc="evaluate", unit="batch", disable=not progress):
         stop = start + batch_size
-        inputs = torch.from_numpy(_left_pad(histories[start:stop], max_len)).to(device)
+        inputs = torch.from_numpy(left_pad(histories[start:stop], max_len)).to(device)
         with torch.no_grad():
             scores = score_fn(inputs)
             ranks.append(rank_of_targets(scores, torch.from_numpy(targets[start:stop]), inputs if exclude_history else None).cpu())
-    metrics = metrics_from_ranks(torch.cat(ranks) if ranks else torch.empty(0))
+    metrics: dict[str, float | int] = dict(metrics_from_ranks(torch.cat(ranks) if ranks else torch.empty(0)))
     metrics["n_users"] = len(targets)
     return metrics

@@ -1,0 +1,28 @@
+"""Meta transfer with per-layer gradient rescaling (MetaRec §III-C, DESIGN §4)."""
+
+from metarec.meta.inner_loop import inner_loop
+from metarec.meta.joint import joint_loss, joint_step
+from metarec.meta.outer import apply_meta_update, clip_check_step
+from metarec.meta.rescale import combine, descent_direction, softmax_weights, tensor_similarities, tensor_similarity
+from metarec.meta.run_task import TaskContext, TaskResult, run_task, source_loss_options
+from metarec.meta.tasks import TaskSampler, TaskSpec, task_seed
+
+__all__ = [
+    "TaskContext",
+    "TaskResult",
+    "TaskSampler",
+    "TaskSpec",
+    "apply_meta_update",
+    "clip_check_step",
+    "combine",
+    "descent_direction",
+    "inner_loop",
+    "joint_loss",
+    "joint_step",
+    "run_task",
+    "softmax_weights",
+    "source_loss_options",
+    "task_seed",
+    "tensor_similarities",
+    "tensor_similarity",
+]

@@ -1,0 +1,128 @@
+"""A prepared domain in memory, and its leave-one-out splits (DESIGN §1).
+
+Leave-one-out per user with n chronological items: the last item is the test target,
+the second-to-last the validation target, the rest is training. Users with n < 3 have
+no evaluation target and train on all their items.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from metarec import fs
+from metarec.data.prepare import DATA_FILE, FORMAT_VERSION, ITEMS_FILE, MANIFEST_FILE, sha256_hex
+from metarec.errors import DataError
+
+MIN_EVAL_LEN = 3
+
+
+@dataclass
+class Domain:
+    """One domain: item IDs 1..n_items (0 = padding), users with chronological int32 sequences."""
+
+    name: str
+    n_items: int
+    users: list[str]
+    sequences: list[np.ndarray]
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_interactions(self) -> int:
+        return int(sum(s.shape[0] for s in self.sequences))
+
+    @classmethod
+    def load(cls, root: fs.Location, name: str) -> "Domain":
+        """Load `root/name/` (local or remote), checking the manifest and the data checksum."""
+        where = fs.join(root, name)
+        manifest_path = fs.join(where, MANIFEST_FILE)
+        if not fs.exists(manifest_path):
+            raise DataError(f"domain {name!r} is not prepared: {manifest_path} does not exist; "
+                            f"run `metarec prepare INPUT --name {name} --out {os.fspath(root)}`")
+        try:
+            manifest = json.loads(fs.read_text(manifest_path))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise DataError(f"{manifest_path}: not valid JSON ({err})") from None
+        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+            version = manifest.get("format_version") if isinstance(manifest, dict) else None
+            raise DataError(f"{manifest_path}: format_version {version!r} is not {FORMAT_VERSION}; prepare the domain again")
+        data_path = fs.join(where, DATA_FILE)
+        if not fs.exists(data_path):
+            raise DataError(f"{data_path}: missing (the domain directory is incomplete; prepare it again)")
+        data = fs.read_bytes(data_path)
+        if sha256_hex(data) != manifest.get("sha256"):
+            raise DataError(f"{data_path}: sha256 does not match {manifest_path} (file modified or corrupted); prepare it again")
+        table = pq.read_table(pa.BufferReader(data), columns=["user", "items"])
+        items = table.column("items").combine_chunks()
+        offsets = items.offsets.to_numpy()
+        values = items.values.to_numpy().astype(np.int32, copy=False)
+        n_items = int(manifest["n_items"])
+        if values.size and (values.min() < 1 or values.max() > n_items):
+            raise DataError(f"{data_path}: item IDs outside 1..{n_items} (n_items in {manifest_path})")
+        sequences = np.split(values, offsets[1:-1]) if len(offsets) > 1 else []
+        return cls(name=name, n_items=n_items, users=table.column("user").to_pylist(), sequences=sequences, manifest=manifest)
+
+    def subsample_users(self, n: int, seed: int) -> "Domain":
+        """A seeded random subset of n users (file order kept); items keep their IDs."""
+        if n >= self.n_users:
+            return self
+        chosen = np.sort(np.random.default_rng(seed).choice(self.n_users, size=n, replace=False))
+        return replace(
+            self,
+            users=[self.users[i] for i in chosen],
+            sequences=[self.sequences[i] for i in chosen],
+            manifest={**self.manifest, "subsample": {"n_users": n, "seed": seed}},
+        )
+
+    def train_sequences(self) -> list[np.ndarray]:
+        """Training part of every user's sequence: items[:-2] if it has >= 3 items, else all of it."""
+        return [s[:-2] if s.shape[0] >= MIN_EVAL_LEN else s for s in self.sequences]
+
+    def eval_examples(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
+        """(histories, targets) of users with >= 3 items.
+
+        'val': history items[:-2], target items[-2]; 'test': history items[:-1], target items[-1].
+        """
+        if split not in ("val", "test"):
+            raise ValueError(f"split must be 'val' or 'test', not {split!r}")
+        cut = 2 if split == "val" else 1
+        rows = [s for s in self.sequences if s.shape[0] >= MIN_EVAL_LEN]
+        histories = [s[:-cut] for s in rows]
+        targets = np.array([s[-cut] for s in rows], dtype=np.int64)
+        return histories, targets
+
+
+def load_item_map(root: fs.Location, name: str) -> dict[str, int]:
+    """Original item key -> dense ID of a prepared domain (from `items.parquet`)."""
+    path = fs.join(root, name, ITEMS_FILE)
+    if not fs.exists(path):
+        raise DataError(f"{path}: missing; prepare the domain {name!r} again")
+    table = pq.read_table(pa.BufferReader(fs.read_bytes(path)))
+    return dict(zip(table.column("key").to_pylist(), table.column("id").to_pylist()))
+
+
+def load_domains(root: fs.Location, names: list[str]) -> dict[str, Domain]:
+    """Load several domains; refuse a repeated name, an empty domain, or two domains with the same data."""
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"domains listed more than once: {', '.join(repeated)}")
+    domains = {name: Domain.load(root, name) for name in names}
+    by_sha: dict[str, str] = {}
+    for name, domain in domains.items():
+        if domain.n_users == 0:
+            raise DataError(f"domain {name!r} at {fs.join(root, name)} has no users")
+        sha = domain.manifest["sha256"]
+        if sha in by_sha:
+            raise DataError(f"overlapping domains: {by_sha[sha]!r} and {name!r} hold the same data (sha256 {sha[:12]}...); "
+                            "sources and target must be different domains")
+        by_sha[sha] = name
+    return domains

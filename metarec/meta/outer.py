@@ -1,0 +1,100 @@
+"""The outer step of meta transfer (paper Eq. 8, DESIGN §4 steps 5–6).
+
+Combines the tasks' meta gradients with per-tensor softmax weights, clips, checks,
+steps the optimizer, and (with `meta.source_params: persist_inner`) lets the
+source-only tables keep what their inner loops learned.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from metarec.config import Config
+from metarec.errors import NonFiniteError
+from metarec.meta.rescale import combine
+from metarec.meta.run_task import TaskResult, nonfinite_tensors
+
+
+def clip_check_step(params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, cfg: Config, iteration: int, what: str) -> float:
+    """Check the `.grad`s are finite, clip their global norm (`train.grad_clip`), step.
+
+    Returns the gradient norm before clipping. Raises NonFiniteError naming the
+    first tensor (by name) whose gradient holds a NaN or an infinity.
+    """
+    with_grad = {n: p for n, p in params.items() if p.grad is not None}
+    bad = nonfinite_tensors({n: p.grad for n, p in with_grad.items()})
+    if bad:
+        raise NonFiniteError(f"non-finite {what} for tensor {bad[0]} at iteration {iteration}" + (f" (also: {', '.join(bad[1:])})" if bad[1:] else ""))
+    max_norm = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(list(with_grad.values()), max_norm) if with_grad else torch.zeros(())
+    optimizer.step()
+    return float(norm)
+
+
+def apply_meta_update(
+    params: dict[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    results: list[TaskResult],
+    cfg: Config,
+    iteration: int,
+) -> dict[str, Any]:
+    """One outer update of the live parameters from the iteration's task results.
+
+    .grad of p = Σ_i w_i^p g_i^p (rescale.enabled, τ = rescale.tau; else the uniform
+    mean over the tasks that touched p); tensors without any meta gradient get
+    .grad = None, so the optimizer leaves them alone. Then clip, finiteness check,
+    optimizer.step(). With `meta.source_params: persist_inner` each source-only tensor
+    then moves by the mean, over the tasks of its source, of its inner-loop change
+    φ_i − θ. Results are processed in task-index order, whatever order they came in.
+
+    Returns {"weights": {source: mean softmax weight of its tasks over the tensors
+    they touched}, "grad_norm", "source_loss", "vq_loss", "target_loss" (means over
+    tasks), "task_seconds" (sum)}.
+    """
+    results = sorted(results, key=lambda r: r.index)
+    if not results:
+        raise ValueError(f"no task results for iteration {iteration}")
+    grad, weights = combine(
+        [r.meta_grad for r in results],
+        [r.sims for r in results],
+        [r.touched for r in results],
+        cfg.rescale.tau,
+        cfg.rescale.enabled,
+    )
+    unknown = sorted(grad.keys() - params.keys())
+    if unknown:
+        raise KeyError(f"meta gradients for tensors the model does not have: {unknown}")
+    for name, p in params.items():
+        g = grad.get(name)
+        p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
+    grad_norm = clip_check_step(params, optimizer, cfg, iteration, "meta gradient")
+
+    if cfg.meta.source_params == "persist_inner":
+        deltas: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for r in results:
+            for name, delta in r.source_delta.items():
+                deltas[name].append(delta)
+        with torch.no_grad():
+            for name, parts in deltas.items():
+                mean = parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
+                params[name].add_(mean.to(device=params[name].device, dtype=params[name].dtype))
+
+    task_weight = [
+        sum(weights[p][pos] for p in r.touched) / len(r.touched) if r.touched else 0.0 for pos, r in enumerate(results)
+    ]
+    by_source: dict[str, list[float]] = defaultdict(list)
+    for r, w in zip(results, task_weight):
+        by_source[r.source].append(w)
+    n = len(results)
+    return {
+        "weights": {s: sum(ws) / len(ws) for s, ws in sorted(by_source.items())},
+        "grad_norm": grad_norm,
+        "source_loss": sum(r.stats["source_loss"] for r in results) / n,
+        "vq_loss": sum(r.stats["vq_loss"] for r in results) / n,
+        "target_loss": sum(r.stats["target_loss"] for r in results) / n,
+        "task_seconds": sum(r.stats["seconds"] for r in results),
+    }

@@ -1,0 +1,131 @@
+"""Per-layer, similarity-based rescaling of the tasks' meta gradients.
+
+Paper §III-C, Eq. 6–8; DESIGN §4 steps 4–6. For every parameter tensor p and task i:
+u_i^p is the source task's own update direction, s_i^p = cos(g_i^p, u_i^p) (Eq. 6),
+w^p = softmax_i(s_i^p / τ) over the tasks that touched p (Eq. 7), and the outer
+step uses Σ_i w_i^p g_i^p (Eq. 8).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+Direction = Literal["source_descent", "paper_literal"]
+
+
+def descent_direction(theta: torch.Tensor, phi: torch.Tensor, direction: Direction) -> torch.Tensor:
+    """u^p of Eq. 6: θ − φ (`source_descent`, DESIGN §4 default) or φ − θ (`paper_literal`).
+
+    θ − φ = α Σ ∇(L_src + L_vq) is the direction the source task descends along; the
+    paper prints φ − θ, which would favour the least similar source.
+    """
+    if direction == "source_descent":
+        return theta - phi
+    if direction == "paper_literal":
+        return phi - theta
+    raise ValueError(f"unknown rescale direction {direction!r} (expected 'source_descent' or 'paper_literal')")
+
+
+def _cosine_parts(g: torch.Tensor | None, u: torch.Tensor | None) -> torch.Tensor:
+    """(g·u, ‖g‖, ‖u‖) as one float64 tensor of 3; a missing tensor counts as zero."""
+    ref = g if g is not None else u
+    if g is None or u is None:
+        dot = ref.new_zeros((), dtype=torch.float64)
+    else:
+        dot = torch.dot(g.reshape(-1), u.reshape(-1)).to(torch.float64)
+    norms = [ref.new_zeros((), dtype=torch.float64) if t is None else torch.linalg.vector_norm(t).to(torch.float64) for t in (g, u)]
+    return torch.stack([dot, *norms])
+
+
+def _cosine(dot: float, g_norm: float, u_norm: float) -> float:
+    if g_norm == 0.0 or u_norm == 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, dot / (g_norm * u_norm)))
+
+
+def tensor_similarity(g: torch.Tensor, u: torch.Tensor) -> float:
+    """s^p = cos(g^p, u^p) of Eq. 6, with the tensors flattened; 0 if either is zero."""
+    return _cosine(*_cosine_parts(g, u).tolist())
+
+
+def tensor_similarities(
+    grads: dict[str, torch.Tensor | None], directions: dict[str, torch.Tensor | None]
+) -> tuple[dict[str, float], set[str], dict[str, tuple[float, float]]]:
+    """Eq. 6 for every tensor of one task at once (one device→host transfer).
+
+    A missing or None entry counts as zero. Returns (sims, touched, norms): sims[p] =
+    cos(g^p, u^p) for the touched tensors, touched = tensors where g^p or u^p is
+    nonzero, norms[p] = (‖g^p‖, ‖u^p‖) for every tensor (NaN/inf reveal non-finite
+    values).
+    """
+    names = [n for n in grads.keys() | directions.keys() if grads.get(n) is not None or directions.get(n) is not None]
+    names.sort()
+    if not names:
+        return {}, set(), {}
+    parts = torch.stack([_cosine_parts(grads.get(n), directions.get(n)) for n in names]).cpu().tolist()
+    sims, touched, norms = {}, set(), {}
+    for name, (dot, g_norm, u_norm) in zip(names, parts):
+        norms[name] = (g_norm, u_norm)
+        if g_norm != 0.0 or u_norm != 0.0:
+            touched.add(name)
+            sims[name] = _cosine(dot, g_norm, u_norm)
+    return sims, touched, norms
+
+
+def softmax_weights(sims: dict[int, float], tau: float) -> dict[int, float]:
+    """w_i = exp(s_i/τ) / Σ_j exp(s_j/τ) over the tasks in `sims` (Eq. 7).
+
+    `sims` holds one tensor's similarities, keyed by task, for the tasks that touched
+    the tensor only; empty in, empty out. The maximum is subtracted before exp, so
+    τ → 0 gives the most similar task(s) all the weight and τ → ∞ the uniform mean
+    without overflow.
+    """
+    if tau <= 0:
+        raise ValueError(f"softmax temperature must be positive, got {tau}")
+    if not sims:
+        return {}
+    top = max(sims.values())
+    scaled = {i: math.exp((s - top) / tau) for i, s in sims.items()}
+    total = sum(scaled.values())
+    return {i: v / total for i, v in scaled.items()}
+
+
+def combine(
+    meta_grads: list[dict[str, torch.Tensor]],
+    sims: list[dict[str, float]],
+    touched: list[set[str]],
+    tau: float,
+    enabled: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, float]]]:
+    """Combined outer gradient Σ_i w_i^p g_i^p per tensor p (Eq. 8).
+
+    Lists are aligned by task; task i is position i. A task's weight for p is
+    computed only among the tasks that touched p; `enabled=False` gives them equal
+    weights (uniform mean, the w/o-rescale ablation). A task's meta gradient may omit
+    a touched tensor whose gradient is zero. Tensors no task has a gradient for are
+    absent from the result (the optimizer then leaves them alone). Returns
+    (grad, weights) with weights[p] = {task position: w}. Sums run in task order, so
+    the result does not depend on the order the tasks finished in.
+    """
+    if not (len(meta_grads) == len(sims) == len(touched)):
+        raise ValueError("meta_grads, sims and touched must have one entry per task")
+    grad: dict[str, torch.Tensor] = {}
+    weights: dict[str, dict[int, float]] = {}
+    for name in sorted(set().union(*touched)):
+        tasks = [i for i, t in enumerate(touched) if name in t]
+        if enabled:
+            w = softmax_weights({i: sims[i].get(name, 0.0) for i in tasks}, tau)
+        else:
+            w = {i: 1.0 / len(tasks) for i in tasks}
+        weights[name] = w
+        total = None
+        for i in tasks:
+            g = meta_grads[i].get(name)
+            if g is not None:
+                total = g * w[i] if total is None else total + g * w[i]
+        if total is not None:
+            grad[name] = total
+    return grad, weights

@@ -1,0 +1,174 @@
+"""One meta task as a pure function: the unit of work of every runner (DESIGN §4, §6).
+
+`run_task(params, task, ctx)` depends only on its inputs: it seeds torch from the task
+spec, so the local runner (in-process) and the Ray runner (in actors, possibly
+re-running a task lost with its actor) produce the same result.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from metarec.config import Config
+from metarec.errors import NonFiniteError
+from metarec.meta.inner_loop import inner_loop
+from metarec.meta.rescale import descent_direction, tensor_similarities
+from metarec.meta.tasks import TaskSpec
+from metarec.objective import LossParts, domain_loss
+
+
+class Windows(Protocol):
+    """The interface of `metarec.data.batches.TrainWindows` that tasks use."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class TaskContext:
+    """What stays fixed across tasks on one worker: the model (its encoder structure),
+    the training windows of every domain, the run config, the target name, the device."""
+
+    model: nn.Module
+    windows: dict[str, Windows]
+    cfg: Config
+    target: str
+    device: torch.device | str = "cpu"
+
+
+@dataclass
+class TaskResult:
+    """What a task sends back (on CPU).
+
+    meta_grad: g_i = d L_target(φ_i)/dθ for the tensors where it is nonzero.
+    sims: cos(g_i^p, u_i^p) for the touched tensors; touched: tensors where g_i^p or
+    u_i^p is nonzero. source_delta: φ_i − θ of the source-only tensors
+    (`items.<source>`, `bias.<source>`). stats: source_loss (recommendation loss at θ),
+    vq_loss (at θ), target_loss (at φ_i), seconds.
+    """
+
+    index: int
+    source: str
+    meta_grad: dict[str, torch.Tensor]
+    sims: dict[str, float]
+    touched: set[str]
+    source_delta: dict[str, torch.Tensor]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def source_loss_options(cfg: Config) -> dict[str, Any]:
+    """Keyword arguments of `domain_loss` for a source domain under `cfg`."""
+    return {
+        "vq_enabled": cfg.vq.enabled,
+        "vq_heads": cfg.vq.heads,
+        "vq_source_output": cfg.vq.source_output,
+        "vq_weight": cfg.vq.weight,
+        "vq_chunk_size": cfg.vq.chunk_size,
+        "negatives": cfg.train.source_negatives,
+    }
+
+
+def source_only_names(source: str) -> tuple[str, str]:
+    """The tensors only source `source` uses (DESIGN §4, `meta.source_params`)."""
+    return f"items.{source}", f"bias.{source}"
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding a NaN or an infinity, in name order."""
+    names = sorted(tensors)
+    if not names:
+        return []
+    flags = torch.stack([torch.isfinite(tensors[n]).all() for n in names]).cpu().tolist()
+    return [n for n, ok in zip(names, flags) if not ok]
+
+
+def _describe(task: TaskSpec) -> str:
+    return f"task {task.index} (source {task.source!r}) at iteration {task.iteration}"
+
+
+def _raise_nonfinite_loss(what: str, task: TaskSpec, suspects: dict[str, torch.Tensor], kind: str) -> None:
+    bad = nonfinite_tensors(suspects)
+    detail = f"; {kind} with non-finite values: {', '.join(bad)}" if bad else ""
+    raise NonFiniteError(f"non-finite {what} in {_describe(task)}{detail}")
+
+
+@contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Fork torch's RNG (CPU and `device`) and seed it with `seed`, so a task's dropout
+    and sampled negatives are the same wherever and in whatever order it runs."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
+def run_task(params: dict[str, torch.Tensor], task: TaskSpec, ctx: TaskContext) -> TaskResult:
+    """Inner loop on the task's source batch, meta gradient on its target batch (DESIGN §4 steps 2–4).
+
+    θ = detached copies of `params` (leaves), φ = inner_loop(θ) on L_src + L_vq,
+    g = d L_target(φ)/dθ (second order unless `meta.first_order`), and per tensor
+    s^p = cos(g^p, u^p) with u = descent_direction(θ, φ). Dropout is on and seeded
+    with `task.seed`. Raises NonFiniteError naming the loss or tensor, the source and
+    the iteration.
+    """
+    start = time.perf_counter()
+    cfg = ctx.cfg
+    device = torch.device(ctx.device)
+    model = ctx.model.train()
+    theta = {n: t.detach().to(device).requires_grad_(True) for n, t in params.items()}
+    src_inputs, src_labels = (t.to(device) for t in ctx.windows[task.source].batch(task.source_rows))
+    tgt_inputs, tgt_labels = (t.to(device) for t in ctx.windows[ctx.target].batch(task.target_rows))
+    options = source_loss_options(cfg)
+    inner_parts: list[LossParts] = []
+
+    def source_loss(m: nn.Module, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = domain_loss(m, p, task.source, src_inputs, src_labels, target=ctx.target, **options)
+        inner_parts.append(parts)
+        return parts.total
+
+    with seeded_rng(task.seed, device):
+        phi = inner_loop(model, theta, source_loss, cfg.meta.inner_steps, cfg.meta.inner_lr, cfg.meta.first_order)
+        target = domain_loss(model, phi, ctx.target, tgt_inputs, tgt_labels, target=ctx.target)
+        losses = torch.stack([p.total.detach() for p in inner_parts] + [target.total.detach()]).cpu().tolist()
+        if not all(math.isfinite(v) for v in losses[:-1]):
+            _raise_nonfinite_loss("source loss", task, theta, "parameters")
+        if not math.isfinite(losses[-1]):
+            _raise_nonfinite_loss("target loss", task, {**theta, **phi}, "parameters or inner-loop values")
+        names = list(theta)
+        grads = torch.autograd.grad(target.total, [theta[n] for n in names], allow_unused=True)
+
+    meta_grad = dict(zip(names, grads))
+    directions = {n: None if phi[n] is theta[n] else descent_direction(theta[n], phi[n], cfg.rescale.direction) for n in names}
+    sims, touched, norms = tensor_similarities(meta_grad, directions)
+    for name, (g_norm, u_norm) in norms.items():
+        if not math.isfinite(g_norm):
+            raise NonFiniteError(f"non-finite meta gradient for tensor {name} in {_describe(task)}")
+        if not math.isfinite(u_norm):
+            raise NonFiniteError(f"non-finite inner-loop update of tensor {name} in {_describe(task)}")
+
+    first = inner_parts[0]
+    return TaskResult(
+        index=task.index,
+        source=task.source,
+        meta_grad={n: g.detach().cpu() for n, g in meta_grad.items() if g is not None and norms[n][0] != 0.0},
+        sims=sims,
+        touched=touched,
+        source_delta={n: (phi[n] - theta[n]).detach().cpu() for n in source_only_names(task.source)},
+        stats={
+            "source_loss": float(first.rec.detach()),
+            "vq_loss": float(first.vq.detach()),
+            "target_loss": losses[-1],
+            "seconds": time.perf_counter() - start,
+        },
+    )

@@ -1,0 +1,141 @@
+"""Tiny synthetic setup for the VQ / meta-transfer tests.
+
+A real `Recommender` (parameter names `items.<d>`, `bias.<d>`, `encoder.*`) with a
+small causal test encoder in place of the registry backbone, and a stand-in for
+`metarec.data.batches.TrainWindows` with the same interface, so these tests do not
+depend on the backbone or data modules.
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import numpy as np
+import torch
+from torch import nn
+
+from metarec.config import Config, config_from_dict
+from metarec.meta import TaskContext, TaskSampler, apply_meta_update
+from metarec.models.recommender import Recommender
+from metarec.runners.local import LocalRunner
+
+
+class ToyEncoder(nn.Module):
+    """Causal: h_t = e_t + tanh(W · dropout(mean(e_1..e_t)) + b)."""
+
+    def __init__(self, hidden: int, dropout: float):
+        super().__init__()
+        self.mix = nn.Linear(hidden, hidden)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.unsqueeze(-1).to(emb.dtype)
+        mean = (emb * m).cumsum(1) / m.cumsum(1).clamp(min=1)
+        return emb + torch.tanh(self.mix(self.drop(mean)))
+
+
+class ToyWindows:
+    """Stand-in for TrainWindows: one left-padded window per sequence."""
+
+    def __init__(self, train_seqs: list[list[int]], max_len: int):
+        n = len(train_seqs)
+        self.inputs = torch.zeros(n, max_len, dtype=torch.long)
+        self.labels = torch.zeros(n, max_len, dtype=torch.long)
+        for row, seq in enumerate(train_seqs):
+            x, y = seq[:-1][-max_len:], seq[1:][-max_len:]
+            self.inputs[row, max_len - len(x) :] = torch.tensor(x)
+            self.labels[row, max_len - len(y) :] = torch.tensor(y)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        return self.inputs[idx], self.labels[idx]
+
+    def sample_rows(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
+        return rng.integers(0, len(self), size=batch_size)
+
+
+def synthetic_sequences(n_items: int, n_users: int, length: int, stride: int, seed: int) -> list[list[int]]:
+    """Learnable sequences: mostly item i -> i + stride (mod K), sometimes a random item."""
+    rng = np.random.default_rng(seed)
+    seqs = []
+    for _ in range(n_users):
+        item = int(rng.integers(1, n_items + 1))
+        seq = [item]
+        for _ in range(length - 1):
+            item = int(rng.integers(1, n_items + 1)) if rng.random() < 0.1 else (item - 1 + stride) % n_items + 1
+            seq.append(item)
+        seqs.append(seq)
+    return seqs
+
+
+DOMAIN_ITEMS = {"t": 12, "a": 20, "b": 16}
+DOMAIN_STRIDE = {"t": 1, "a": 1, "b": 3}
+
+
+def toy_config(**sections) -> Config:
+    """Config for the toy domains; keyword arguments update whole sections, e.g. meta={...}."""
+    raw = {
+        "seed": 7,
+        "data": {"target": "t", "sources": ["a", "b"], "max_len": 6},
+        "model": {"hidden": 8, "dropout": 0.1},
+        "train": {"batch_size": 8, "lr": 1e-2, "grad_clip": 5.0},
+        "vq": {"heads": 2},
+        "meta": {"tasks_per_iter": 3, "inner_lr": 0.5},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    return config_from_dict(raw)
+
+
+def toy_model(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> Recommender:
+    torch.manual_seed(seed)
+    n_items = {name: DOMAIN_ITEMS[name] for name in [cfg.data.target, *cfg.data.sources]}
+    with mock.patch("metarec.models.recommender.build_encoder", lambda m: ToyEncoder(m.hidden, m.dropout)):
+        model = Recommender(n_items, cfg.model)
+    return model.to(dtype)
+
+
+def toy_windows(cfg: Config) -> dict[str, ToyWindows]:
+    return {
+        name: ToyWindows(synthetic_sequences(DOMAIN_ITEMS[name], 40, 8, DOMAIN_STRIDE[name], seed=i), cfg.data.max_len)
+        for i, name in enumerate([cfg.data.target, *cfg.data.sources])
+    }
+
+
+def toy_setup(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Recommender, TaskContext]:
+    model = toy_model(cfg, seed, dtype)
+    return model, TaskContext(model=model, windows=toy_windows(cfg), cfg=cfg, target=cfg.data.target)
+
+
+def toy_sampler(ctx: TaskContext) -> TaskSampler:
+    cfg = ctx.cfg
+    return TaskSampler(
+        sources=cfg.data.sources,
+        source_sizes={s: len(ctx.windows[s]) for s in cfg.data.sources},
+        target_size=len(ctx.windows[cfg.data.target]),
+        n_tasks=cfg.meta.tasks_per_iter,
+        source_batch_size=cfg.meta.source_batch_size or cfg.train.batch_size,
+        target_batch_size=cfg.train.batch_size,
+        sampling=cfg.data.source_sampling,
+        seed=cfg.seed,
+    )
+
+
+def meta_train(model: nn.Module, ctx: TaskContext, iterations: int, runner=None) -> list[dict]:
+    """The outer loop: sample tasks, run them, apply the meta update. Returns the infos."""
+    cfg = ctx.cfg
+    sampler = toy_sampler(ctx)
+    runner = runner or LocalRunner(ctx)
+    params = dict(model.named_parameters())
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    infos = []
+    for it in range(iterations):
+        results = runner.run_tasks(params, sampler.sample(it))
+        infos.append(apply_meta_update(params, optimizer, results, cfg, it))
+    return infos
