@@ -98,7 +98,7 @@ def save_checkpoint(
     if include_rng:
         tensors["rng/torch"] = torch.get_rng_state()
     full_state["complete"] = True
-    with fs.atomic_dir(uri) as tmp:
+    with fs.atomic_dir(uri, replace=True, last=(STATE,)) as tmp:
         fs.write_bytes(f"{tmp}/{TENSORS}", st_save(tensors))
         fs.write_bytes(f"{tmp}/{STATE}", json.dumps(full_state, indent=1, sort_keys=True).encode())
 
@@ -160,4 +160,4 @@ def latest_checkpoint(root: str) -> Checkpoint | None:
 
 def prune_checkpoints(root: str, keep: int) -> None:
     for _step, uri in step_checkpoints(root)[:-keep]:
-        fs.remove_dir(uri)
+        fs.remove(uri)

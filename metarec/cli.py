@@ -114,5 +114,48 @@ def demo(out_dir, quick, seed):
     click.echo(f"runs, plots and demo.json under {out_dir}")
 
 
+@main.command()
+@click.argument("run_dir")
+@click.option("--user", default=None, help="a user id of the target domain (original key)")
+@click.option("--history", default=None, help='item keys, oldest first, e.g. "i1 i2 i3"')
+@click.option("-k", "k", type=int, default=10, show_default=True)
+@_user_errors
+def recommend(run_dir, user, history, k):
+    """Top-k items for a user or a history, from RUN_DIR's best checkpoint."""
+    from metarec.errors import MetaRecError
+    from metarec.recommend import recommend as top_k
+
+    if (user is None) == (history is None):
+        raise MetaRecError("give exactly one of --user ID or --history \"i1 i2 ...\"")
+    click.echo(json.dumps(top_k(run_dir, user=user, history=history.split() if history else None, k=k), indent=1))
+
+
+@main.command()
+@click.argument("run_dir")
+@_user_errors
+def plot(run_dir):
+    """(Re)draw RUN_DIR's training curves and source-weight heatmap as PNG (needs the plot extra)."""
+    from metarec.plots import plot_run
+
+    for path in plot_run(run_dir):
+        click.echo(path)
+
+
+@main.command()
+@click.argument("space", type=click.Path(dir_okay=False))
+@click.option("--num-samples", type=int, default=None, help="trials (default: the space file's num_samples)")
+@click.option("--ray-address", default=None, help="join a Ray cluster (auto or ADDRESS); default: local Ray")
+@click.option("--storage-path", default=None, help="where Tune keeps trial results (dir or s3://)")
+@click.option("--name", default=None, help="experiment name (default: the space file's name)")
+@click.option("--resume", is_flag=True, help="continue an interrupted sweep (Tuner.restore)")
+@_user_errors
+def tune(space, num_samples, ray_address, storage_path, name, resume):
+    """Ray Tune sweep over tau, VQ heads and the inner/outer learning rates."""
+    from tune.sweep import run_sweep
+
+    summary = run_sweep(space, num_samples=num_samples, ray_address=ray_address, storage_path=storage_path, name=name, resume=resume)
+    click.echo(json.dumps(summary, indent=1))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

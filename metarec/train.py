@@ -143,15 +143,22 @@ def _check_finite(model: torch.nn.Module, loss: torch.Tensor, step: int) -> None
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out_dir: str, runner_factory: Callable[[Problem], Any] | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        out_dir: str,
+        runner_factory: Callable[[Problem], Any] | None = None,
+        on_eval: Callable[[dict[str, Any], "Trainer"], None] | None = None,
+    ):
         self.cfg = cfg
+        self.on_eval = on_eval  # called after every validation with the history row (Tune reports here)
         self.out = out_dir.rstrip("/")
         self.problem = build_problem(cfg)
         self.model = self.problem.model
         self.optimizer = make_optimizer(self.model, cfg)
         self.state = RunState()
         t = self.problem.target
-        self.sampler = TaskSampler(
+        self.sampler = None if cfg.method == "target_only" else TaskSampler(
             sources=list(cfg.data.sources),
             source_sizes={s: len(self.problem.windows[s]) for s in cfg.data.sources},
             target_size=len(self.problem.windows[t]),
@@ -215,7 +222,7 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def _state_payload(self) -> dict[str, Any]:
-        return {"run": self.state.to_json(), "sampler": self.sampler.state_dict(), "target_rng": self.target_rng.bit_generator.state, "config": self.cfg.to_dict()}
+        return {"run": self.state.to_json(), "sampler": self.sampler.state_dict() if self.sampler else None, "target_rng": self.target_rng.bit_generator.state, "config": self.cfg.to_dict()}
 
     def save(self, tag: str, with_optimizer: bool) -> None:
         save_checkpoint(f"{self.out}/checkpoints/{tag}", self.model, self.optimizer if with_optimizer else None, self._state_payload())
@@ -230,7 +237,8 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.optimizer)
         if ckpt.torch_rng is not None:
             torch.set_rng_state(ckpt.torch_rng)
-        self.sampler.load_state_dict(ckpt.state["sampler"])
+        if self.sampler is not None:
+            self.sampler.load_state_dict(ckpt.state["sampler"])
         self.target_rng.bit_generator.state = ckpt.state["target_rng"]
         self.state = RunState(**ckpt.state["run"])
         return True
@@ -280,6 +288,8 @@ class Trainer:
                 self._write_history()
                 self.save(f"step-{step + 1:08d}", with_optimizer=True)
                 prune_checkpoints(f"{self.out}/checkpoints", cfg.train.keep_checkpoints)
+            if "val" in row and self.on_eval is not None:
+                self.on_eval(row, self)
             if stop:
                 bar.write(f"early stop at step {step + 1}: no improvement in {cfg.train.patience} evaluations")
                 break
@@ -312,9 +322,9 @@ def _weights_over_time(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"step": r["step"], **r["weights"]} for r in history if isinstance(r.get("weights"), dict)]
 
 
-def train(cfg: Config, out_dir: str, *, resume: bool = False, runner_factory=None) -> dict[str, Any]:
+def train(cfg: Config, out_dir: str, *, resume: bool = False, runner_factory=None, on_eval=None) -> dict[str, Any]:
     """Train per `cfg` into `out_dir`; returns the metrics written to metrics.json."""
-    return Trainer(cfg, out_dir, runner_factory).fit(resume=resume)
+    return Trainer(cfg, out_dir, runner_factory, on_eval).fit(resume=resume)
 
 
 def evaluate_run(run_dir: str) -> dict[str, float]:

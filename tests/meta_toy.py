@@ -1,13 +1,14 @@
 """Tiny synthetic setup for the VQ / meta-transfer tests.
 
-A real `Recommender` (parameter names `items.<d>`, `bias.<d>`, `encoder.*`) with a
-small causal test encoder in place of the registry backbone, and a stand-in for
-`metarec.data.batches.TrainWindows` with the same interface, so these tests do not
-depend on the backbone or data modules.
+A real `Recommender` (parameter names `items.<d>`, `bias.<d>`, `encoder.*`) with, by
+default, a small causal test encoder in place of the registry backbone (fast, and
+independent of the backbones), on tiny synthetic sequences cut by `TrainWindows`.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
 from unittest import mock
 
 import numpy as np
@@ -15,9 +16,21 @@ import torch
 from torch import nn
 
 from metarec.config import Config, config_from_dict
+from metarec.data.batches import TrainWindows
 from metarec.meta import TaskContext, TaskSampler, apply_meta_update
 from metarec.models.recommender import Recommender
 from metarec.runners.local import LocalRunner
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors run fastest on one thread, especially on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class ToyEncoder(nn.Module):
@@ -34,30 +47,7 @@ class ToyEncoder(nn.Module):
         return emb + torch.tanh(self.mix(self.drop(mean)))
 
 
-class ToyWindows:
-    """Stand-in for TrainWindows: one left-padded window per sequence."""
-
-    def __init__(self, train_seqs: list[list[int]], max_len: int):
-        n = len(train_seqs)
-        self.inputs = torch.zeros(n, max_len, dtype=torch.long)
-        self.labels = torch.zeros(n, max_len, dtype=torch.long)
-        for row, seq in enumerate(train_seqs):
-            x, y = seq[:-1][-max_len:], seq[1:][-max_len:]
-            self.inputs[row, max_len - len(x) :] = torch.tensor(x)
-            self.labels[row, max_len - len(y) :] = torch.tensor(y)
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(np.asarray(rows), dtype=torch.long)
-        return self.inputs[idx], self.labels[idx]
-
-    def sample_rows(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
-        return rng.integers(0, len(self), size=batch_size)
-
-
-def synthetic_sequences(n_items: int, n_users: int, length: int, stride: int, seed: int) -> list[list[int]]:
+def synthetic_sequences(n_items: int, n_users: int, length: int, stride: int, seed: int) -> list[np.ndarray]:
     """Learnable sequences: mostly item i -> i + stride (mod K), sometimes a random item."""
     rng = np.random.default_rng(seed)
     seqs = []
@@ -67,7 +57,7 @@ def synthetic_sequences(n_items: int, n_users: int, length: int, stride: int, se
         for _ in range(length - 1):
             item = int(rng.integers(1, n_items + 1)) if rng.random() < 0.1 else (item - 1 + stride) % n_items + 1
             seq.append(item)
-        seqs.append(seq)
+        seqs.append(np.array(seq))
     return seqs
 
 
@@ -93,23 +83,26 @@ def toy_config(**sections) -> Config:
     return config_from_dict(raw)
 
 
-def toy_model(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> Recommender:
+def toy_model(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32, backbone: bool = False) -> Recommender:
+    """The toy encoder, or with `backbone=True` the registry backbone `cfg.model.backbone`."""
     torch.manual_seed(seed)
     n_items = {name: DOMAIN_ITEMS[name] for name in [cfg.data.target, *cfg.data.sources]}
+    if backbone:
+        return Recommender(n_items, cfg.model).to(dtype)
     with mock.patch("metarec.models.recommender.build_encoder", lambda m: ToyEncoder(m.hidden, m.dropout)):
         model = Recommender(n_items, cfg.model)
     return model.to(dtype)
 
 
-def toy_windows(cfg: Config) -> dict[str, ToyWindows]:
+def toy_windows(cfg: Config) -> dict[str, TrainWindows]:
     return {
-        name: ToyWindows(synthetic_sequences(DOMAIN_ITEMS[name], 40, 8, DOMAIN_STRIDE[name], seed=i), cfg.data.max_len)
+        name: TrainWindows(synthetic_sequences(DOMAIN_ITEMS[name], 40, 8, DOMAIN_STRIDE[name], seed=i), cfg.data.max_len)
         for i, name in enumerate([cfg.data.target, *cfg.data.sources])
     }
 
 
-def toy_setup(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Recommender, TaskContext]:
-    model = toy_model(cfg, seed, dtype)
+def toy_setup(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32, backbone: bool = False) -> tuple[Recommender, TaskContext]:
+    model = toy_model(cfg, seed, dtype, backbone)
     return model, TaskContext(model=model, windows=toy_windows(cfg), cfg=cfg, target=cfg.data.target)
 
 

@@ -312,3 +312,10 @@ def test_s3_round_trip(tmp_path, moto_s3):
     assert fs.listdir(root, include_hidden=True) == ["a", "b"]
     with pytest.raises(DataError, match="not prepared"):
         Domain.load(root, "c")
+
+
+def test_csv_parse_error_names_the_row(tmp_path):
+    src = write(tmp_path / "events.csv", "user,item,timestamp\n1,2,3\n1,2\n")
+    with pytest.raises(DataError, match=r"Row #3") as err:
+        prepare_domain(src, tmp_path / "out", "x", "interactions")
+    assert src in str(err.value)

@@ -241,10 +241,14 @@ def _parse_table(name: str, kind: str, data: bytes, wanted: list[str]) -> pa.Tab
     try:
         if kind in ("csv", "tsv"):
             parse = pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",")
-            header = pacsv.open_csv(pa.BufferReader(data), parse_options=parse).schema.names
+            serial = pacsv.ReadOptions(use_threads=False)  # single-threaded, Arrow's errors name the row
+            header = pacsv.open_csv(pa.BufferReader(data), read_options=serial, parse_options=parse).schema.names
             _check_columns(name, header, wanted)
             convert = pacsv.ConvertOptions(include_columns=wanted, column_types={c: pa.string() for c in wanted[:2]})
-            return pacsv.read_csv(pa.BufferReader(data), parse_options=parse, convert_options=convert)
+            try:
+                return pacsv.read_csv(pa.BufferReader(data), parse_options=parse, convert_options=convert)
+            except pa.ArrowInvalid:
+                return pacsv.read_csv(pa.BufferReader(data), read_options=serial, parse_options=parse, convert_options=convert)
         if kind == "parquet":
             _check_columns(name, pq.read_schema(pa.BufferReader(data)).names, wanted)
             return pq.read_table(pa.BufferReader(data), columns=wanted)

@@ -1,8 +1,8 @@
 """Meta transfer with per-layer gradient rescaling (MetaRec §III-C, DESIGN §4)."""
 
 from metarec.meta.inner_loop import inner_loop
-from metarec.meta.joint import joint_loss, joint_step
-from metarec.meta.outer import apply_meta_update, clip_check_step
+from metarec.meta.joint import joint_loss
+from metarec.meta.outer import apply_meta_update, task_weight
 from metarec.meta.rescale import combine, descent_direction, softmax_weights, tensor_similarities, tensor_similarity
 from metarec.meta.run_task import TaskContext, TaskResult, run_task, source_loss_options
 from metarec.meta.tasks import TaskSampler, TaskSpec, task_seed
@@ -13,16 +13,15 @@ __all__ = [
     "TaskSampler",
     "TaskSpec",
     "apply_meta_update",
-    "clip_check_step",
     "combine",
     "descent_direction",
     "inner_loop",
     "joint_loss",
-    "joint_step",
     "run_task",
     "softmax_weights",
     "source_loss_options",
     "task_seed",
+    "task_weight",
     "tensor_similarities",
     "tensor_similarity",
 ]

@@ -1,20 +1,16 @@
 """Joint training on source and target losses: the `meta.enabled: false` ablation (DESIGN §4).
 
-Same tasks, same batches and the same VQ source loss as meta transfer, but one
-ordinary optimizer step on the summed losses instead of inner loop + meta gradient.
+Same tasks, same batches and the same VQ source loss as meta transfer, but the caller
+takes one ordinary optimizer step on the summed losses instead of inner loop + meta
+gradient.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import torch
 from torch import nn
 
-from metarec.errors import NonFiniteError
-from metarec.meta.outer import clip_check_step
-from metarec.meta.run_task import TaskContext, nonfinite_tensors, seeded_rng, source_loss_options
+from metarec.meta.run_task import TaskContext, seeded_rng, source_loss_options
 from metarec.meta.tasks import TaskSpec
 from metarec.objective import domain_loss
 
@@ -27,6 +23,8 @@ def joint_loss(
     Differentiable w.r.t. `params`; each task's dropout is seeded with its spec seed.
     Returns (loss, stats) with stats = mean source_loss, vq_loss, target_loss.
     """
+    if not specs:
+        raise ValueError("joint_loss needs at least one task")
     device = torch.device(ctx.device)
     model.train()
     options = source_loss_options(ctx.cfg)
@@ -41,29 +39,6 @@ def joint_loss(
         src.append(source.rec.detach())
         vq.append(source.vq.detach())
         tgt.append(target.total.detach())
-    n = len(terms)
-    if n == 0:
-        raise ValueError("joint_loss needs at least one task")
     loss = torch.stack(terms).mean()
     means = torch.stack([torch.stack(src).mean(), torch.stack(vq).mean(), torch.stack(tgt).mean()]).cpu().tolist()
     return loss, dict(zip(("source_loss", "vq_loss", "target_loss"), means))
-
-
-def joint_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, specs: list[TaskSpec], ctx: TaskContext, iteration: int
-) -> dict[str, Any]:
-    """One optimizer step on `joint_loss` of the live model parameters.
-
-    Raises NonFiniteError naming the loss (and any non-finite parameter) or the first
-    tensor with a non-finite gradient. Returns the loss stats plus "grad_norm".
-    """
-    params = dict(model.named_parameters())
-    optimizer.zero_grad(set_to_none=True)
-    loss, stats = joint_loss(model, params, specs, ctx)
-    if not math.isfinite(float(loss.detach())):
-        bad = nonfinite_tensors({n: p.detach() for n, p in params.items()})
-        detail = f"; parameters with non-finite values: {', '.join(bad)}" if bad else ""
-        raise NonFiniteError(f"non-finite joint loss at iteration {iteration}{detail}")
-    loss.backward()
-    stats["grad_norm"] = clip_check_step(params, optimizer, ctx.cfg, iteration, "gradient")
-    return stats

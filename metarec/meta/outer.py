@@ -19,7 +19,7 @@ from metarec.meta.rescale import combine
 from metarec.meta.run_task import TaskResult, nonfinite_tensors
 
 
-def clip_check_step(params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, cfg: Config, iteration: int, what: str) -> float:
+def _clip_check_step(params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, cfg: Config, iteration: int) -> float:
     """Check the `.grad`s are finite, clip their global norm (`train.grad_clip`), step.
 
     Returns the gradient norm before clipping. Raises NonFiniteError naming the
@@ -28,11 +28,22 @@ def clip_check_step(params: dict[str, nn.Parameter], optimizer: torch.optim.Opti
     with_grad = {n: p for n, p in params.items() if p.grad is not None}
     bad = nonfinite_tensors({n: p.grad for n, p in with_grad.items()})
     if bad:
-        raise NonFiniteError(f"non-finite {what} for tensor {bad[0]} at iteration {iteration}" + (f" (also: {', '.join(bad[1:])})" if bad[1:] else ""))
+        raise NonFiniteError(f"non-finite meta gradient for tensor {bad[0]} at iteration {iteration}" + (f" (also: {', '.join(bad[1:])})" if bad[1:] else ""))
     max_norm = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(list(with_grad.values()), max_norm) if with_grad else torch.zeros(())
     optimizer.step()
     return float(norm)
+
+
+def task_weight(weights: dict[str, dict[int, float]], pos: int, touched: set[str]) -> float:
+    """Mean softmax weight of task `pos` over the tensors it shares with another task.
+
+    Tensors only this task touched (its source's own table) always weigh 1 and would
+    hide the rescaling, so they count only when the task shares nothing (n = 1).
+    """
+    shared = [weights[p][pos] for p in touched if len(weights[p]) > 1]
+    own = shared or [weights[p][pos] for p in touched]
+    return sum(own) / len(own) if own else 0.0
 
 
 def apply_meta_update(
@@ -51,9 +62,8 @@ def apply_meta_update(
     then moves by the mean, over the tasks of its source, of its inner-loop change
     φ_i − θ. Results are processed in task-index order, whatever order they came in.
 
-    Returns {"weights": {source: mean softmax weight of its tasks over the tensors
-    they touched}, "grad_norm", "source_loss", "vq_loss", "target_loss" (means over
-    tasks), "task_seconds" (sum)}.
+    Returns {"weights": {source: mean `task_weight` of its tasks}, "grad_norm",
+    "source_loss", "vq_loss", "target_loss" (means over tasks), "task_seconds" (sum)}.
     """
     results = sorted(results, key=lambda r: r.index)
     if not results:
@@ -71,7 +81,7 @@ def apply_meta_update(
     for name, p in params.items():
         g = grad.get(name)
         p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
-    grad_norm = clip_check_step(params, optimizer, cfg, iteration, "meta gradient")
+    grad_norm = _clip_check_step(params, optimizer, cfg, iteration)
 
     if cfg.meta.source_params == "persist_inner":
         deltas: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -83,12 +93,9 @@ def apply_meta_update(
                 mean = parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
                 params[name].add_(mean.to(device=params[name].device, dtype=params[name].dtype))
 
-    task_weight = [
-        sum(weights[p][pos] for p in r.touched) / len(r.touched) if r.touched else 0.0 for pos, r in enumerate(results)
-    ]
     by_source: dict[str, list[float]] = defaultdict(list)
-    for r, w in zip(results, task_weight):
-        by_source[r.source].append(w)
+    for pos, r in enumerate(results):
+        by_source[r.source].append(task_weight(weights, pos, r.touched))
     n = len(results)
     return {
         "weights": {s: sum(ws) / len(ws) for s, ws in sorted(by_source.items())},

@@ -1,0 +1,209 @@
+"""`metarec plot`: PNG figures of a run directory's `history.jsonl` (needs the `plot` extra).
+
+- `training_curves.png`: training losses vs step (raw, faint, and a rolling mean) and
+  validation NDCG@10 vs step with the best step marked;
+- `source_weights.png` (MetaRec runs only): heatmap of the per-source softmax weights
+  w_i (DESIGN §4 step 5, averaged per source by the trainer) over iterations, binned
+  into at most `MAX_HEATMAP_COLUMNS` columns (colour = mean weight in the bin; grey =
+  source not sampled in that bin).
+
+matplotlib is imported lazily and drawn through its Agg canvas directly (no pyplot, no
+global backend switch), and the PNG bytes are written with `metarec.fs`, so the run
+directory may be local or `s3://`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from metarec import fs
+from metarec.errors import MetaRecError
+
+CURVES_FILE = "training_curves.png"
+WEIGHTS_FILE = "source_weights.png"
+LOSS_KEYS = ("loss", "target_loss", "source_loss", "vq_loss")
+VAL_METRIC = "NDCG@10"
+MAX_HEATMAP_COLUMNS = 100
+
+
+def _figure(width: float, height: float):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MetaRecError("plotting needs matplotlib: pip install 'metarec[plot]'") from None
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def read_history(run_dir: str) -> list[dict[str, Any]]:
+    """The rows of `RUN_DIR/history.jsonl`; MetaRecError names the file (and line) if missing or malformed."""
+    uri = fs.join(run_dir, "history.jsonl")
+    if not fs.exists(uri):
+        raise MetaRecError(f"{uri}: no training history (is {run_dir} a run directory?)")
+    rows = []
+    for number, line in enumerate(fs.read_text(uri).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise MetaRecError(f"{uri}, line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise MetaRecError(f"{uri}, line {number}: expected an object with an integer 'step'")
+        rows.append(row)
+    if not rows:
+        raise MetaRecError(f"{uri}: empty training history")
+    return rows
+
+
+def loss_series(rows: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (steps, values) of every loss the rows report; `loss` is left out where it
+    only repeats `target_loss` (target-only runs)."""
+    series = {}
+    for key in LOSS_KEYS:
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if points:
+            steps, values = np.array(points, dtype=np.float64).T
+            series[key] = (steps, values)
+    if "loss" in series and all(r.get("loss") == r.get("target_loss") for r in rows if "loss" in r):
+        del series["loss"]
+    return series
+
+
+def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of the last `window` values at each position (fewer at the start)."""
+    sums = np.cumsum(np.concatenate(([0.0], values)))
+    ends = np.arange(1, values.size + 1)
+    starts = np.maximum(ends - window, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def weight_matrix(rows: list[dict[str, Any]], max_columns: int = MAX_HEATMAP_COLUMNS) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(sources, bin edges in steps (columns + 1,), sources × columns mean weights; NaN = not sampled).
+
+    Consecutive weight rows are grouped into at most `max_columns` bins of equal row count.
+    """
+    weighted = [r for r in rows if isinstance(r.get("weights"), dict) and r["weights"]]
+    sources = sorted({s for r in weighted for s in r["weights"]})
+    per_step = np.full((len(sources), len(weighted)), np.nan)
+    for col, r in enumerate(weighted):
+        for i, s in enumerate(sources):
+            if s in r["weights"]:
+                per_step[i, col] = r["weights"][s]
+    steps = np.array([r["step"] for r in weighted], dtype=np.float64)
+    bins = np.array_split(np.arange(len(weighted)), min(max_columns, len(weighted)))
+    matrix = np.stack([_mean_of_present(per_step[:, b]) for b in bins], axis=1)
+    edges = np.array([steps[b[0]] - 0.5 for b in bins] + [steps[bins[-1][-1]] + 0.5])
+    return sources, edges, matrix
+
+
+def _mean_of_present(block: np.ndarray) -> np.ndarray:
+    """Row means over the non-NaN entries; NaN for a row with none."""
+    present = ~np.isnan(block)
+    counts = present.sum(axis=1)
+    sums = np.where(present, block, 0.0).sum(axis=1)
+    return np.divide(sums, counts, out=np.full(counts.shape, np.nan), where=counts > 0)
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _draw_loss(ax, name: str, steps: np.ndarray, values: np.ndarray, color: str, linestyle: str = "-"):
+    """Raw values (faint when smoothed) plus a rolling mean over ~1/25 of the run; returns the legend handle."""
+    window = max(1, steps.size // 25)
+    raw = ax.plot(steps, values, color=color, linestyle=linestyle, alpha=0.25 if window > 1 else 1.0, linewidth=0.8, label=name)[0]
+    if window == 1:
+        return raw
+    return ax.plot(steps, rolling_mean(values, window), color=color, linestyle=linestyle, linewidth=1.6,
+                   label=f"{name} (mean of {window})")[0]
+
+
+def draw_curves(rows: list[dict[str, Any]], title: str) -> bytes:
+    """PNG of the loss curves (left) and validation NDCG@10 (right)."""
+    fig = _figure(11, 4)
+    ax_loss, ax_val = fig.subplots(1, 2)
+    series = loss_series(rows)
+    vq = series.pop("vq_loss", None)
+    handles = [_draw_loss(ax_loss, name, steps, values, f"C{i}") for i, (name, (steps, values)) in enumerate(series.items())]
+    top = ax_loss
+    if vq is not None:  # L_vq is orders of magnitude smaller than the recommendation losses: own axis
+        top = ax_loss.twinx()
+        handles.append(_draw_loss(top, "vq_loss", *vq, "C3", linestyle="--"))
+        top.set_ylabel("vq_loss")
+    ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
+    top.legend(handles=handles, loc="best", fontsize="small", framealpha=0.9)
+    ax_loss.grid(alpha=0.3)
+
+    evals = [(r["step"], r["val"][VAL_METRIC]) for r in rows if isinstance(r.get("val"), dict) and VAL_METRIC in r["val"]]
+    if evals:
+        steps, values = np.array(evals, dtype=np.float64).T
+        ax_val.plot(steps, values, marker="o", markersize=3)
+        best = int(np.argmax(values))
+        ax_val.plot(steps[best], values[best], marker="*", markersize=12, color="tab:red", linestyle="none",
+                    label=f"best {values[best]:.4f} @ step {int(steps[best])}")
+        ax_val.legend(loc="lower right", fontsize="small")
+    else:
+        ax_val.text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=ax_val.transAxes)
+    ax_val.set(xlabel="step", ylabel=VAL_METRIC, title=f"validation {VAL_METRIC}")
+    ax_val.grid(alpha=0.3)
+    for ax in (ax_loss, ax_val):
+        ax.xaxis.set_major_locator(_integer_locator())
+    fig.suptitle(title)
+    return _png(fig)
+
+
+def draw_source_weights(rows: list[dict[str, Any]], title: str) -> bytes:
+    """PNG heatmap: sources × iterations, colour = mean softmax weight."""
+    sources, edges, matrix = weight_matrix(rows)
+    fig = _figure(10, 1.2 + 0.45 * len(sources))
+    ax = fig.subplots()
+    cmap = _colormap("viridis")
+    cmap.set_bad("lightgrey")
+    mesh = ax.pcolormesh(edges, np.arange(len(sources) + 1), np.ma.masked_invalid(matrix), cmap=cmap, vmin=0.0, vmax=1.0)
+    ax.set_yticks(np.arange(len(sources)) + 0.5, labels=sources)
+    ax.invert_yaxis()
+    ax.xaxis.set_major_locator(_integer_locator())
+    ax.set(xlabel="iteration", ylabel="source", title=f"{title}: source task weights (softmax, mean per bin)")
+    fig.colorbar(mesh, ax=ax, label="mean weight")
+    return _png(fig)
+
+
+def _integer_locator():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def _colormap(name: str):
+    from matplotlib import colormaps
+
+    return colormaps[name].copy()
+
+
+def plot_run(run_dir: str) -> list[str]:
+    """Draw RUN_DIR's figures into RUN_DIR (local or s3://); return the written paths.
+
+    Always `training_curves.png`; `source_weights.png` only if the history has source
+    weights (MetaRec runs).
+    """
+    run_dir = run_dir.rstrip("/")
+    rows = read_history(run_dir)
+    title = run_dir.rsplit("/", 1)[-1]
+    figures = {CURVES_FILE: draw_curves(rows, title)}
+    if any(isinstance(r.get("weights"), dict) and r["weights"] for r in rows):
+        figures[WEIGHTS_FILE] = draw_source_weights(rows, title)
+    paths = []
+    for name, png in figures.items():
+        path = fs.join(run_dir, name)
+        fs.atomic_write_bytes(path, png)
+        paths.append(path)
+    return paths

@@ -1,0 +1,124 @@
+"""`metarec recommend`: top-k target items for a known user or an ad-hoc history.
+
+Only the target domain is needed to serve: the model built here is a *target-only*
+`Recommender` (the shared `encoder.*` plus `items.<target>`, `bias.<target>`), and only
+those tensors are restored from the run's best checkpoint. The source tables the
+checkpoint also holds are never materialised as parameters and no source domain is
+read, so serving costs the target's size, not the sources'.
+
+Scores are the model's full-ranking scores after the last `data.max_len` history items
+(`last_position_scores`, DESIGN §2); padding and every item of the history are excluded
+(DESIGN §5 excludes the input window; here the whole history, since a user rarely wants
+to be recommended what they already have).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from metarec import fs
+from metarec.checkpoint import load_checkpoint, restore_model
+from metarec.config import Config, config_from_dict
+from metarec.data.batches import left_pad
+from metarec.data.domain import Domain, load_item_map
+from metarec.errors import CheckpointError, DataError, MetaRecError
+from metarec.models.recommender import Recommender
+from metarec.objective import last_position_scores
+
+BEST_CHECKPOINT = "checkpoints/best"
+
+
+def load_run_config(run_dir: str) -> Config:
+    """The validated config a run directory was trained with (`RUN_DIR/config.yaml`)."""
+    uri = fs.join(run_dir, "config.yaml")
+    if not fs.exists(uri):
+        raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml)")
+    try:
+        raw = yaml.safe_load(fs.read_text(uri))
+    except yaml.YAMLError as err:
+        raise CheckpointError(f"{uri}: not valid YAML: {err}") from None
+    return config_from_dict(raw, uri)
+
+
+def load_target_model(run_dir: str, cfg: Config, n_items: int) -> Recommender:
+    """A target-only Recommender (eval mode, CPU) holding the best checkpoint's shared and target tensors."""
+    checkpoint_uri = fs.join(run_dir, BEST_CHECKPOINT)
+    checkpoint = load_checkpoint(checkpoint_uri)
+    target = cfg.data.target
+    model = Recommender({target: n_items}, cfg.model)
+    wanted = dict(model.named_parameters()).keys()
+    restore_model(model, {k: v for k, v in checkpoint.params.items() if k in wanted}, checkpoint_uri)
+    return model.eval()
+
+
+def user_sequence(domain: Domain, user: str) -> np.ndarray:
+    """The full chronological item-ID sequence of `user` in a prepared domain."""
+    try:
+        row = domain.users.index(user)
+    except ValueError:
+        raise DataError(f"user {user!r} is not in the target domain {domain.name!r}") from None
+    return domain.sequences[row]
+
+
+def map_history(keys: list[str], key_to_id: dict[str, int]) -> tuple[list[int], list[str]]:
+    """(dense IDs of the known keys in order, the unknown keys in order)."""
+    known = [key_to_id[k] for k in keys if k in key_to_id]
+    unknown = [k for k in keys if k not in key_to_id]
+    return known, unknown
+
+
+@torch.no_grad()
+def top_k_items(model: Recommender, domain: str, history: np.ndarray, max_len: int, k: int) -> list[tuple[int, float]]:
+    """The k best-scoring (dense ID, score) pairs after `history`, best first; padding and history items excluded."""
+    params = dict(model.named_parameters())
+    inputs = torch.from_numpy(left_pad([history], max_len))
+    scores = last_position_scores(model, params, domain, inputs)[0]
+    scores[0] = float("-inf")
+    scores[torch.from_numpy(np.asarray(history, dtype=np.int64))] = float("-inf")
+    n_candidates = int(torch.isfinite(scores).sum())
+    values, ids = torch.topk(scores, min(k, n_candidates))
+    return [(int(i), float(v)) for i, v in zip(ids, values)]
+
+
+def recommend(run_dir: str, *, user: str | None = None, history: list[str] | None = None, k: int = 10) -> dict[str, Any]:
+    """Top-k target items for `user` (a user key of the prepared target domain) or for `history`
+    (original item keys, oldest first), from RUN_DIR's best checkpoint.
+
+    Returns {"user" | "history": ..., "target": domain name, "k": k,
+    "items": [{"item": original key, "id": dense ID, "score": float}, ...] (distinct, best
+    first; fewer than k only if the domain has fewer unseen items), "unknown_items": history
+    keys the target domain does not know (ignored for scoring)}.
+    """
+    if (user is None) == (history is None):
+        raise MetaRecError("give exactly one of a user or a history of item keys")
+    if k < 1:
+        raise MetaRecError(f"k must be >= 1, got {k}")
+    run_dir = run_dir.rstrip("/")
+    cfg = load_run_config(run_dir)
+    root, target = cfg.data.root, cfg.data.target
+    key_to_id = load_item_map(root, target)
+    id_to_key = {i: key for key, i in key_to_id.items()}
+    result: dict[str, Any]
+    if user is not None:
+        ids = user_sequence(Domain.load(root, target), user)
+        unknown: list[str] = []
+        result = {"user": user}
+    else:
+        known, unknown = map_history(history, key_to_id)
+        if not known:
+            raise MetaRecError(f"none of the history items is known to the target domain {target!r}: {history}")
+        ids = np.asarray(known, dtype=np.int64)
+        result = {"history": list(history)}
+    model = load_target_model(run_dir, cfg, n_items=len(key_to_id))
+    ranked = top_k_items(model, target, ids, cfg.data.max_len, k)
+    result.update(
+        target=target,
+        k=k,
+        items=[{"item": id_to_key[i], "id": i, "score": s} for i, s in ranked],
+        unknown_items=unknown,
+    )
+    return result

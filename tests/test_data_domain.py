@@ -1,0 +1,165 @@
+"""Domain loading, leave-one-out splits, subsampling, batches and the synthetic generator."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from metarec.data.batches import TrainWindows, left_pad
+from metarec.data.domain import Domain, load_domains
+from metarec.data.prepare import write_domain
+from metarec.data.readers import SequenceTable
+from metarec.data.synthetic import generate_domains, planted_structure
+from metarec.errors import DataError
+
+
+def hand_domain() -> Domain:
+    seqs = [[1, 2, 3, 4], [5, 6], [7, 8, 9], [2]]
+    return Domain(name="hand", n_items=9, users=["a", "b", "c", "d"], sequences=[np.array(s, np.int32) for s in seqs])
+
+
+def lists(arrays) -> list[list[int]]:
+    return [np.asarray(a).tolist() for a in arrays]
+
+
+# ------------------------------------------------------------------ leave-one-out
+
+
+def test_leave_one_out_splits():
+    domain = hand_domain()
+    assert lists(domain.train_sequences()) == [[1, 2], [5, 6], [7], [2]]
+    histories, targets = domain.eval_examples("val")
+    assert lists(histories) == [[1, 2], [7]] and targets.tolist() == [3, 8] and targets.dtype == np.int64
+    histories, targets = domain.eval_examples("test")
+    assert lists(histories) == [[1, 2, 3], [7, 8]] and targets.tolist() == [4, 9]
+    with pytest.raises(ValueError):
+        domain.eval_examples("train")
+
+
+def test_subsample_users_is_seeded_and_keeps_order(tiny_domains):
+    target = Domain.load(tiny_domains, "target")
+    a, b = target.subsample_users(10, seed=3), target.subsample_users(10, seed=3)
+    other = target.subsample_users(10, seed=4)
+    assert a.users == b.users and lists(a.sequences) == lists(b.sequences)
+    assert a.users != other.users
+    positions = [target.users.index(u) for u in a.users]
+    assert len(set(positions)) == 10 and positions == sorted(positions)
+    assert all(np.array_equal(s, target.sequences[p]) for s, p in zip(a.sequences, positions))
+    assert a.n_items == target.n_items and target.n_users == 40
+    assert target.subsample_users(1000, seed=0).users == target.users
+
+
+# ------------------------------------------------------------------ loading
+
+
+def test_load_unprepared_domain_says_how_to_prepare(tmp_path):
+    with pytest.raises(DataError) as err:
+        Domain.load(tmp_path, "missing")
+    message = str(err.value)
+    assert "not prepared" in message and str(tmp_path / "missing" / "manifest.json") in message
+    assert "metarec prepare" in message
+
+
+def test_load_detects_a_modified_data_file(tiny_domains, tmp_path):
+    shutil.copy(f"{tiny_domains}/src-b/data.parquet", f"{tiny_domains}/target/data.parquet")
+    with pytest.raises(DataError, match="sha256"):
+        Domain.load(tiny_domains, "target")
+
+
+def test_load_domains_refuses_repeats_overlaps_and_empty(tiny_domains, tmp_path):
+    domains = load_domains(tiny_domains, ["src-a", "src-b", "target"])
+    assert {n: d.n_users for n, d in domains.items()} == {"src-a": 120, "src-b": 80, "target": 40}
+    assert all(d.n_interactions == d.manifest["n_interactions"] for d in domains.values())
+
+    with pytest.raises(DataError, match="more than once: target"):
+        load_domains(tiny_domains, ["target", "src-a", "target"])
+
+    shutil.copytree(f"{tiny_domains}/src-a", f"{tiny_domains}/src-a-copy")
+    with pytest.raises(DataError, match="overlapping domains: 'src-a' and 'src-a-copy'"):
+        load_domains(tiny_domains, ["src-a", "src-a-copy"])
+
+    empty = SequenceTable(users=[], offsets=np.zeros(1, np.int64), items=np.zeros(0, np.int32), item_keys=["x"])
+    write_domain(empty, tiny_domains, "empty", source="test")
+    with pytest.raises(DataError, match="'empty'.*has no users"):
+        load_domains(tiny_domains, ["target", "empty"])
+
+
+# ------------------------------------------------------------------ batches
+
+
+def test_left_pad_keeps_the_last_items():
+    seqs = [np.array([1, 2, 3]), np.array([4]), np.array([5, 6, 7, 8, 9]), np.array([], np.int32)]
+    out = left_pad(seqs, 3)
+    assert out.dtype == np.int64
+    assert out.tolist() == [[1, 2, 3], [0, 0, 4], [7, 8, 9], [0, 0, 0]]
+
+
+def test_train_windows_hand_example():
+    # L=3. [1..7]: windows end at 7 (example [4,5,6,7]) and 4 ([1,2,3,4]); [8,9]: end 2 ([8,9]); [10]: none.
+    windows = TrainWindows([np.arange(1, 8), np.array([8, 9]), np.array([10])], max_len=3)
+    assert len(windows) == 3
+    inputs, labels = windows.batch(np.arange(3))
+    assert inputs.dtype == torch.int64 and labels.dtype == torch.int64 and inputs.shape == (3, 3)
+    pairs = sorted(zip(inputs.tolist(), labels.tolist()))
+    assert pairs == [([0, 0, 8], [0, 0, 9]), ([1, 2, 3], [2, 3, 4]), ([4, 5, 6], [5, 6, 7])]
+
+
+def _reference_windows(seqs, max_len):
+    out = []
+    for s in seqs:
+        end = len(s)
+        while end >= 2:
+            ex = list(s[max(0, end - max_len - 1) : end])
+            out.append((left_pad([np.array(ex[:-1])], max_len)[0].tolist(), left_pad([np.array(ex[1:])], max_len)[0].tolist()))
+            end -= max_len
+    return sorted(out)
+
+
+def test_train_windows_match_reference_and_label_every_item_once():
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 50, size=n) for n in rng.integers(0, 30, size=40)]
+    windows = TrainWindows(seqs, max_len=5)
+    inputs, labels = windows.batch(np.arange(len(windows)))
+    assert sorted(zip(inputs.tolist(), labels.tolist())) == _reference_windows(seqs, 5)
+    assert int((labels > 0).sum()) == sum(max(len(s) - 1, 0) for s in seqs)
+    assert torch.equal(inputs > 0, labels > 0)
+
+
+def test_sample_rows_is_uniform_without_replacement():
+    windows = TrainWindows([np.arange(1, 40)], max_len=2)
+    rows = windows.sample_rows(np.random.default_rng(1), 8)
+    assert len(set(rows.tolist())) == 8 and rows.min() >= 0 and rows.max() < len(windows)
+    assert np.array_equal(rows, windows.sample_rows(np.random.default_rng(1), 8))
+    assert sorted(windows.sample_rows(np.random.default_rng(2), 1000).tolist()) == list(range(len(windows)))
+    with pytest.raises(ValueError, match="no training windows"):
+        TrainWindows([np.array([3])], max_len=4).sample_rows(np.random.default_rng(0), 2)
+
+
+# ------------------------------------------------------------------ synthetic problem
+
+
+def test_synthetic_is_deterministic(tmp_path):
+    sizes = {"n_users": {"s": 50, "t": 20}, "n_items": {"s": 40, "t": 20}}
+    a = generate_domains(tmp_path / "a", names=("s", "t"), n_concepts=4, seed=1, **sizes)
+    b = generate_domains(tmp_path / "b", names=("s", "t"), n_concepts=4, seed=1, **sizes)
+    c = generate_domains(tmp_path / "c", names=("s", "t"), n_concepts=4, seed=2, **sizes)
+    sha = {r: [json.load(open(f"{r}/{n}/manifest.json"))["sha256"] for n in ("s", "t")] for r in (a, b, c)}
+    assert sha[a] == sha[b] and sha[a][0] != sha[c][0] and sha[a][1] != sha[c][1]
+    assert generate_domains(tmp_path / "a", names=("s", "t"), n_concepts=4, seed=1, **sizes) == a  # no-op
+
+
+def test_synthetic_domains_share_the_planted_chain(tiny_domains):
+    structure = planted_structure({"src-a": 60, "src-b": 48, "target": 32}, n_concepts=8, seed=0)
+    allowed = structure.transition > 0
+    chance = allowed.mean()
+    for name in ("src-a", "target"):
+        domain = Domain.load(tiny_domains, name)
+        concept = structure.concept_of_item[name]
+        pairs = np.concatenate([np.stack([s[:-1], s[1:]], axis=1) for s in domain.sequences])
+        on_chain = allowed[concept[pairs[:, 0] - 1], concept[pairs[:, 1] - 1]].mean()
+        assert on_chain > 0.7 and on_chain > 2.5 * chance, (name, on_chain, chance)
+        assert domain.n_items == len(concept) and 0 < min(len(s) for s in domain.sequences)

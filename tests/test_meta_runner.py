@@ -1,0 +1,273 @@
+"""Task sampling, run_task, the outer update and the local runner (DESIGN §4, §6)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from metarec.errors import CheckpointError, NonFiniteError
+from metarec.meta import TaskSampler, apply_meta_update, combine, joint_loss, run_task, task_seed, task_weight
+from metarec.objective import domain_loss
+from metarec.runners.local import LocalRunner
+from meta_toy import one_torch_thread, meta_train, toy_config, toy_sampler, toy_setup
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+# ------------------------------------------------------------------ task sampling
+
+
+def _sampler(n_tasks=2, sources=("a", "b", "c"), sizes=(50, 60, 70), sampling="uniform", seed=3):
+    return TaskSampler(list(sources), dict(zip(sources, sizes)), target_size=30, n_tasks=n_tasks,
+                       source_batch_size=8, target_batch_size=4, sampling=sampling, seed=seed)
+
+
+def test_sources_without_replacement_up_to_m_then_with_replacement():
+    for it in range(20):
+        specs = _sampler(n_tasks=3).sample(it)
+        assert sorted(s.source for s in specs) == ["a", "b", "c"]
+    sampler = _sampler(n_tasks=5)
+    for it in range(20):
+        specs = sampler.sample(it)
+        assert [s.index for s in specs] == list(range(5))
+        assert {s.source for s in specs[:3]} == {"a", "b", "c"}
+    sampler = _sampler(n_tasks=2)
+    for it in range(20):
+        a, b = sampler.sample(it)
+        assert a.source != b.source
+        assert len(set(a.source_rows.tolist())) == 8 and a.source_rows.max() < {"a": 50, "b": 60, "c": 70}[a.source]
+        assert len(a.target_rows) == 4 and a.target_rows.max() < 30
+
+
+def test_proportional_sampling_follows_domain_sizes():
+    sampler = _sampler(n_tasks=1, sizes=(10, 10, 980), sampling="proportional")
+    counts = Counter(sampler.sample(it)[0].source for it in range(400))
+    assert counts["c"] > 350
+    uniform_sampler = _sampler(n_tasks=1, sizes=(10, 10, 980))
+    counts = Counter(uniform_sampler.sample(it)[0].source for it in range(400))
+    assert 90 < counts["a"] < 180
+
+
+def _same_specs(x, y):
+    return all(
+        (a.iteration, a.index, a.source, a.seed) == (b.iteration, b.index, b.source, b.seed)
+        and np.array_equal(a.source_rows, b.source_rows)
+        and np.array_equal(a.target_rows, b.target_rows)
+        for a, b in zip(x, y, strict=True)
+    )
+
+
+def test_sampler_is_reproducible_and_resumable():
+    one, two = _sampler(), _sampler()
+    assert all(_same_specs(one.sample(i), two.sample(i)) for i in range(5))
+    assert not _same_specs(_sampler(seed=4).sample(0), _sampler(seed=3).sample(0))
+
+    straight = _sampler()
+    for i in range(3):
+        straight.sample(i)
+    state = json.loads(json.dumps(straight.state_dict()))
+    resumed = _sampler()
+    resumed.load_state_dict(state)
+    assert all(_same_specs(straight.sample(i), resumed.sample(i)) for i in range(3, 6))
+
+    with pytest.raises(CheckpointError, match="sources"):
+        _sampler(sources=("a", "b", "d")).load_state_dict(state)
+
+
+def test_task_seeds_depend_on_run_iteration_and_index():
+    seeds = {task_seed(s, it, i) for s in (0, 1) for it in range(3) for i in range(3)}
+    assert len(seeds) == 18
+    assert task_seed(5, 2, 1) == task_seed(5, 2, 1)
+    assert [s.seed for s in _sampler().sample(7)] == [task_seed(3, 7, 0), task_seed(3, 7, 1)]
+
+
+# ------------------------------------------------------------------ run_task
+
+
+def test_run_task_result_contents_and_purity():
+    cfg = toy_config()
+    model, ctx = toy_setup(cfg)
+    spec = next(s for s in toy_sampler(ctx).sample(0) if s.source == "a")
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    first = run_task(params, spec, ctx)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # seeded inside a fork
+    torch.manual_seed(456)  # the caller's RNG state does not matter
+    second = run_task(params, spec, ctx)
+    assert all(torch.equal(first.meta_grad[n], second.meta_grad[n]) for n in first.meta_grad)
+    assert first.sims == second.sims
+    reseeded = run_task(params, dataclasses.replace(spec, seed=spec.seed + 1), ctx)
+    assert not torch.equal(reseeded.meta_grad["encoder.mix.weight"], first.meta_grad["encoder.mix.weight"])  # dropout
+    assert all(torch.equal(params[n], p) for n, p in model.named_parameters())  # θ not modified
+
+    assert first.index == spec.index and first.source == "a"
+    assert "items.b" not in first.touched and "bias.b" not in first.touched
+    assert {"items.a", "bias.a", "items.t", "bias.t", "encoder.mix.weight"} <= first.touched
+    assert set(first.sims) == first.touched and set(first.meta_grad) <= first.touched
+    assert set(first.source_delta) == {"items.a", "bias.a"}
+    assert float(first.source_delta["items.a"].abs().sum()) > 0
+    assert all(t.device.type == "cpu" for t in [*first.meta_grad.values(), *first.source_delta.values()])
+    assert first.stats["source_loss"] > 0 and first.stats["target_loss"] > 0 and first.stats["vq_loss"] > 0
+
+
+def test_nan_in_a_source_table_names_the_tensor():
+    cfg = toy_config()
+    model, ctx = toy_setup(cfg)
+    with torch.no_grad():
+        model.items["a"][3, 1] = float("nan")
+    specs = toy_sampler(ctx).sample(4)
+    with pytest.raises(NonFiniteError, match=r"source loss.*'a'.*iteration 4.*items\.a"):
+        LocalRunner(ctx).run_tasks(dict(model.named_parameters()), specs)
+
+
+def test_nonfinite_meta_gradient_is_reported_by_the_outer_step():
+    cfg = toy_config()
+    model, ctx = toy_setup(cfg)
+    params = dict(model.named_parameters())
+    results = LocalRunner(ctx).run_tasks(params, toy_sampler(ctx).sample(0))
+    results[1].meta_grad["encoder.mix.bias"][0] = float("inf")
+    optimizer = torch.optim.SGD(params.values(), lr=0.1)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    with pytest.raises(NonFiniteError, match=r"encoder\.mix\.bias at iteration 9"):
+        apply_meta_update(params, optimizer, results, cfg, 9)
+    assert all(torch.equal(before[n], p) for n, p in params.items())  # nothing stepped
+
+
+# ------------------------------------------------------------------ outer update
+
+
+def test_outer_sgd_step_is_eq8_with_clipping():
+    cfg = toy_config(meta={"source_params": "meta_only"}, train={"grad_clip": None})
+    model, ctx = toy_setup(cfg)
+    params = dict(model.named_parameters())
+    results = LocalRunner(ctx).run_tasks(params, toy_sampler(ctx).sample(0))
+    grad, _ = combine([r.meta_grad for r in results], [r.sims for r in results], [r.touched for r in results], cfg.rescale.tau, True)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    info = apply_meta_update(params, torch.optim.SGD(params.values(), lr=0.3), results, cfg, 0)
+    for name, p in params.items():
+        expected = before[name] - 0.3 * grad[name] if name in grad else before[name]
+        assert torch.allclose(p.detach(), expected, atol=1e-7), name
+    assert info["grad_norm"] == pytest.approx(float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grad.values()]))), rel=1e-5)
+    assert set(info["weights"]) == {r.source for r in results}
+
+    clipped = toy_config(meta={"source_params": "meta_only"}, train={"grad_clip": 1e-3})
+    model, ctx = toy_setup(clipped)
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    apply_meta_update(params, torch.optim.SGD(params.values(), lr=1.0), LocalRunner(ctx).run_tasks(params, toy_sampler(ctx).sample(0)), clipped, 0)
+    moved = torch.cat([(p.detach() - before[n]).reshape(-1) for n, p in params.items()])
+    assert 0 < float(torch.linalg.vector_norm(moved)) <= 1e-3 * (1 + 1e-5)
+
+
+def test_task_weight_ignores_tensors_only_the_task_touched():
+    weights = {"items.a": {0: 1.0}, "enc.w": {0: 0.2, 1: 0.8}, "enc.b": {0: 0.4, 1: 0.6}}
+    assert task_weight(weights, 0, {"items.a", "enc.w", "enc.b"}) == pytest.approx(0.3)
+    assert task_weight(weights, 1, {"enc.w", "enc.b"}) == pytest.approx(0.7)
+    assert task_weight({"items.a": {0: 1.0}}, 0, {"items.a"}) == 1.0  # a lone task
+
+
+def _eval_source_loss(model, ctx, source):
+    model.eval()
+    with torch.no_grad():
+        win = ctx.windows[source]
+        loss = domain_loss(model, dict(model.named_parameters()), source, *win.batch(np.arange(len(win))), target=ctx.target, vq_heads=ctx.cfg.vq.heads)
+    model.train()
+    return float(loss.rec)
+
+
+def test_persist_inner_source_tables_learn():
+    def train(source_params):
+        cfg = toy_config(meta={"source_params": source_params})
+        model, ctx = toy_setup(cfg)
+        init = {n: p.detach().clone() for n, p in model.named_parameters()}
+        before = {s: _eval_source_loss(model, ctx, s) for s in ("a", "b")}
+        meta_train(model, ctx, 30)
+        after = {s: _eval_source_loss(model, ctx, s) for s in ("a", "b")}
+        moved = {s: float((model.items[s].detach() - init[f"items.{s}"]).norm() / init[f"items.{s}"].norm()) for s in ("a", "b")}
+        return before, after, moved
+
+    before, persist, persist_moved = train("persist_inner")
+    _, meta_only, meta_only_moved = train("meta_only")
+    for s in ("a", "b"):
+        assert persist_moved[s] > 5, s  # far from the init (relative change of the table)
+        assert persist_moved[s] > 2 * meta_only_moved[s], s
+        assert persist[s] < before[s] - 0.4, s
+        assert persist[s] < meta_only[s] - 0.1, s
+
+
+def test_meta_only_first_order_leaves_source_tables_alone():
+    cfg = toy_config(meta={"source_params": "meta_only", "first_order": True})
+    model, ctx = toy_setup(cfg)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    meta_train(model, ctx, 5)
+    for name in ("items.a", "items.b", "bias.a", "bias.b"):
+        assert torch.equal(model.get_parameter(name), init[name]), name
+    assert not torch.equal(model.get_parameter("encoder.mix.weight"), init["encoder.mix.weight"])
+
+
+# ------------------------------------------------------------------ reproducibility
+
+
+class ReversedRunner(LocalRunner):
+    """Runs tasks in reverse and returns them in that order, like workers finishing at random."""
+
+    def run_tasks(self, params, specs):
+        return [run_task(params, spec, self.ctx) for spec in reversed(specs)]
+
+
+def _train_params(iterations, runner_cls=LocalRunner, backbone=False, **sections):
+    cfg = toy_config(**sections)
+    model, ctx = toy_setup(cfg, backbone=backbone)
+    meta_train(model, ctx, iterations, runner=runner_cls(ctx))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+BACKBONES = [pytest.param(False, id="toy"), pytest.param(True, id="lru")]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_same_seed_gives_bitwise_identical_parameters(backbone):
+    one, two = _train_params(3, backbone=backbone), _train_params(3, backbone=backbone)
+    assert all(torch.equal(one[n], two[n]) for n in one)
+    other_seed = _train_params(3, backbone=backbone, seed=8)
+    assert not all(torch.equal(one[n], other_seed[n]) for n in one)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_results_do_not_depend_on_task_order(backbone):
+    local, shuffled = _train_params(3, backbone=backbone), _train_params(3, runner_cls=ReversedRunner, backbone=backbone)
+    assert all(torch.equal(local[n], shuffled[n]) for n in local)
+
+
+# ------------------------------------------------------------------ joint ablation
+
+
+def test_joint_loss_trains_source_and_target():
+    cfg = toy_config(meta={"enabled": False})
+    model, ctx = toy_setup(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    sampler = toy_sampler(ctx)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    stats = []
+    for it in range(15):
+        optimizer.zero_grad(set_to_none=True)
+        loss, parts = joint_loss(model, params, sampler.sample(it), ctx)
+        assert float(loss) == pytest.approx((parts["source_loss"] + parts["vq_loss"] * cfg.vq.weight + parts["target_loss"]), rel=1e-5)
+        loss.backward()
+        optimizer.step()
+        stats.append(parts)
+    assert np.mean([s["target_loss"] for s in stats[-5:]]) < np.mean([s["target_loss"] for s in stats[:5]])
+    assert np.mean([s["source_loss"] for s in stats[-5:]]) < np.mean([s["source_loss"] for s in stats[:5]])
+    for name in ("items.a", "items.b", "items.t", "encoder.mix.weight"):
+        assert not torch.equal(model.get_parameter(name), init[name]), name

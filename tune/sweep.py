@@ -1,0 +1,350 @@
+"""`metarec tune SPACE`: a Ray Tune sweep over τ, VQ heads, α, β (DESIGN §6, "Tune").
+
+Each trial trains one MetaRec run (`metarec.train.train`) into
+`<experiment>/<trial_id>/run/` and, after every validation, reports the target
+validation metrics with a Tune checkpoint holding the run's `step-N` and `best`
+checkpoints (`train.checkpoint_every` is set to `train.eval_every`, so every report has
+one). ASHA (mode max, time in evaluations) stops weak trials early. A restored trial
+(after a failure or `--resume`) replaces its run's checkpoints with the Tune checkpoint
+and continues from it, so its reports go on where they stopped. `--resume` restores the
+whole experiment (`Tuner.restore`): finished trials are not run again.
+
+At the end the experiment directory gets `results.json` / `results.md` (one row per
+trial: sampled parameters, best validation metric, test metrics, evaluations),
+`best_config.yaml` (ready for `metarec train`) and `sweep.png` (validation metric vs τ,
+coloured by heads; needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from metarec import fs
+from metarec.checkpoint import step_checkpoints
+from metarec.config import dump_config
+from metarec.errors import ConfigError, MetaRecError
+from tune.space import SearchSpace, load_space
+
+DEFAULT_STORAGE = "runs/tune"
+RUN = "run"  # a trial's metarec run directory, inside its Tune trial directory
+STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERROR = "completed", "stopped early", "error"
+
+
+def _copy_tree(src: str, dest: str) -> None:
+    """Copy directory `src` to `dest` (each a local path or URI)."""
+    src_fs, src_path = fs.resolve(src)
+    dest_fs, dest_path = fs.resolve(dest)
+    dest_fs.create_dir(dest_path, recursive=True)
+    pafs.copy_files(src_path, dest_path, source_filesystem=src_fs, destination_filesystem=dest_fs)
+
+
+# ---------------------------------------------------------------- the trial
+
+
+def trial_run_dir(experiment_uri: str, trial_id: str) -> str:
+    return fs.join(experiment_uri, trial_id, RUN)
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def _report(row: dict[str, Any], trainer, *, run_dir: str, metric: str) -> None:
+    """`on_eval` hook: report the validation metrics with a checkpoint of the run's state."""
+    from ray import tune as ray_tune
+
+    step = row["step"]
+    evals = [r for r in trainer.state.history if "val" in r]
+    best = max(evals, key=lambda r: r["val"][metric])
+    metrics = {**{k: v for k, v in row["val"].items() if k != "n_users"}, "step": step, f"best_{metric}": best["val"][metric], "best_step": best["step"]}
+    ckpt_root = f"{run_dir}/checkpoints"
+    step_dirs = dict(step_checkpoints(ckpt_root))
+    if step not in step_dirs:  # the last step of a run that is not a multiple of eval_every
+        ray_tune.report(metrics)
+        return
+    staging = tempfile.mkdtemp(prefix="metarec-tune-")
+    try:
+        _copy_tree(step_dirs[step], os.path.join(staging, os.path.basename(step_dirs[step])))
+        _copy_tree(f"{ckpt_root}/best", os.path.join(staging, "best"))
+        ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(staging))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def metarec_trial(config: dict[str, Any], *, space: SearchSpace, experiment_uri: str) -> None:
+    """Tune function trainable: train the trial's config; continue from Tune's checkpoint if restored."""
+    import torch
+    from ray import tune as ray_tune
+
+    from metarec.train import train
+
+    torch.set_num_threads(max(1, int(space.trial_resources["CPU"])))
+    trial_id = ray_tune.get_context().get_trial_id()
+    run_dir = trial_run_dir(experiment_uri, trial_id)
+    evals = space.base_config.train.eval_every
+    cfg = space.config(config, {"name": f"{space.name}-{trial_id}", "train.checkpoint_every": evals, "train.progress": False})
+    ckpt_root = f"{run_dir}/checkpoints"
+    fs.remove(ckpt_root)  # Tune's checkpoint (or none) is the trial's state, not what a killed attempt left
+    checkpoint = ray_tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as local:
+            _copy_tree(local, ckpt_root)
+    runner_factory = None
+    if space.runner == "ray":
+        from metarec.runners.ray_runner import ray_runner_factory
+
+        runner_factory = ray_runner_factory(address=None)  # Ray is up in the trial; workers join its placement group
+    train(
+        cfg,
+        run_dir,
+        resume=checkpoint is not None,
+        runner_factory=runner_factory,
+        on_eval=lambda row, trainer: _report(row, trainer, run_dir=run_dir, metric=space.metric),
+    )
+
+
+def trial_resources(space: SearchSpace):
+    """Placement group of a trial: its driver bundle, plus one bundle per Ray source worker."""
+    from ray import tune as ray_tune
+
+    driver = {k: v for k, v in space.trial_resources.items() if v}
+    bundles = [driver]
+    if space.runner == "ray":
+        r = space.base_config.ray
+        worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
+        bundles += [worker] * r.num_workers
+    return ray_tune.PlacementGroupFactory(bundles, strategy="PACK")
+
+
+# ---------------------------------------------------------------- the tuner
+
+
+def _check_data(space: SearchSpace) -> None:
+    data = space.base_config.data
+    for name in (data.target, *data.sources):
+        if not fs.exists(fs.join(data.root, name, "manifest.json")):
+            raise ConfigError(f"{space.base_config_path}: data.root: no prepared domain '{name}' under {data.root} (run `metarec prepare` first)")
+
+
+def _storage(uri: str) -> tuple[pafs.FileSystem | None, str]:
+    """(storage_filesystem, storage path) for Ray: a local absolute path, or a URI's file system and path."""
+    if fs.is_uri(uri):
+        return fs.resolve(uri)
+    return None, os.path.abspath(os.path.expanduser(uri))
+
+
+def _tuner(space: SearchSpace, experiment_uri: str, storage_uri: str, name: str, num_samples: int, resume: bool):
+    from ray import tune as ray_tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(metarec_trial, space=space, experiment_uri=experiment_uri),
+        trial_resources(space),
+    )
+    filesystem, storage_path = _storage(storage_uri)
+    if resume:
+        _, experiment_path = _storage(experiment_uri)
+        return ray_tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem)
+    scheduler = ASHAScheduler(
+        metric=space.metric,
+        mode="max",
+        time_attr="training_iteration",
+        max_t=space.max_evaluations + 1,  # a trial ends by itself after its last evaluation (and writes its test metrics)
+        grace_period=space.grace_period,
+        reduction_factor=space.reduction_factor,
+    )
+    return ray_tune.Tuner(
+        trainable,
+        param_space={key: p.ray_domain() for key, p in space.params.items()},
+        tune_config=ray_tune.TuneConfig(
+            num_samples=num_samples,
+            scheduler=scheduler,
+            search_alg=BasicVariantGenerator(random_state=space.seed),
+            max_concurrent_trials=space.max_concurrent_trials,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=ray_tune.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=ray_tune.FailureConfig(max_failures=space.max_failures),
+            checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+# ---------------------------------------------------------------- results
+
+
+def _trial_row(result, space: SearchSpace, experiment_uri: str) -> dict[str, Any]:
+    """One results row: sampled parameters, best validation metric, test metrics, evaluations."""
+    from metarec.train import evaluate_run
+
+    trial_id = os.path.basename(result.path.rstrip("/"))
+    run_dir = trial_run_dir(experiment_uri, trial_id)
+    metrics = result.metrics or {}
+    row: dict[str, Any] = {
+        "trial_id": trial_id,
+        "params": {k: result.config.get(k) for k in space.params},
+        f"best_val_{space.metric}": metrics.get(f"best_{space.metric}"),
+        "best_step": metrics.get("best_step"),
+        "evals": metrics.get("training_iteration", 0),
+        "run_dir": run_dir,
+    }
+    if result.error is not None:
+        row.update(status=STATUS_ERROR, test=None, test_source=None, error=str(result.error).strip().splitlines()[-1])
+        return row
+    row["status"] = STATUS_COMPLETED if row["evals"] >= space.max_evaluations else STATUS_STOPPED
+    if fs.exists(f"{run_dir}/metrics.json"):  # the trial ran to its end (all steps, or patience)
+        row.update(test=json.loads(fs.read_bytes(f"{run_dir}/metrics.json"))["test"], test_source="metrics.json")
+    else:  # stopped by ASHA before it could test: test its best checkpoint now
+        row.update(test=evaluate_run(run_dir), test_source="best checkpoint (evaluate_run)")
+    return row
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e-2 or abs(value) >= 1e3 else f"{value:.5f}".rstrip("0").rstrip(".")
+    return "" if value is None else str(value)
+
+
+def results_markdown(rows: list[dict[str, Any]], space: SearchSpace, experiment_uri: str) -> str:
+    best_col = f"best_val_{space.metric}"
+    cols = ["trial_id", "status", *space.params, best_col, "test NDCG@10", "test Recall@10", "test MRR", "evals"]
+    lines = [f"# Tune sweep `{space.name}`", "", f"- experiment: `{experiment_uri}`", f"- space: `{space.path}` (base config `{space.base_config_path}`)",
+             f"- ASHA on validation {space.metric} (max), grace {space.grace_period}, reduction {space.reduction_factor}, max_t {space.max_evaluations} evaluations",
+             "- test metrics of early-stopped trials are recomputed from their best checkpoint", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in sorted(rows, key=lambda r: -(r[best_col] if r[best_col] is not None else -1.0)):
+        test = r["test"] or {}
+        cells = [r["trial_id"], r["status"], *(r["params"][k] for k in space.params), r[best_col],
+                 test.get("NDCG@10"), test.get("Recall@10"), test.get("MRR"), r["evals"]]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(rows: list[dict[str, Any]], space: SearchSpace) -> bytes | None:
+    """PNG of the best validation metric vs τ, one colour per heads value (None without matplotlib or τ)."""
+    if "rescale.tau" not in space.params:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    best_col = f"best_val_{space.metric}"
+    done = [r for r in rows if r[best_col] is not None]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for heads in sorted({r["params"].get("vq.heads") for r in done}, key=str):
+        pts = [r for r in done if r["params"].get("vq.heads") == heads]
+        label = f"heads={heads}" if "vq.heads" in space.params else None
+        ax.scatter([r["params"]["rescale.tau"] for r in pts], [r[best_col] for r in pts], label=label, alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("τ (rescale.tau)")
+    ax.set_ylabel(f"best validation {space.metric}")
+    ax.set_title(space.name)
+    if "vq.heads" in space.params:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_outputs(rows: list[dict[str, Any]], space: SearchSpace, experiment_uri: str) -> dict[str, Any]:
+    """results.json/.md, best_config.yaml and sweep.png in the experiment directory; returns the summary."""
+    best_col = f"best_val_{space.metric}"
+    fs.atomic_write_bytes(fs.join(experiment_uri, "results.json"), (json.dumps(rows, indent=1) + "\n").encode())
+    fs.atomic_write_bytes(fs.join(experiment_uri, "results.md"), results_markdown(rows, space, experiment_uri).encode())
+    scored = [r for r in rows if r[best_col] is not None]
+    summary: dict[str, Any] = {
+        "experiment": experiment_uri,
+        "trials": len(rows),
+        "completed": sum(r["status"] == STATUS_COMPLETED for r in rows),
+        "early_stopped": sum(r["status"] == STATUS_STOPPED for r in rows),
+        "errored": sum(r["status"] == STATUS_ERROR for r in rows),
+        "results": fs.join(experiment_uri, "results.json"),
+        "best_trial": None,
+        "best_config": None,
+        "plot": None,
+    }
+    if scored:
+        best = max(scored, key=lambda r: r[best_col])
+        cfg = space.config(best["params"], {"name": f"{space.name}-best"})
+        header = f"# best trial {best['trial_id']} of sweep {space.name} ({experiment_uri}): validation {space.metric} {best[best_col]:.5f}\n"
+        best_config = fs.join(experiment_uri, "best_config.yaml")
+        fs.atomic_write_bytes(best_config, (header + dump_config(cfg)).encode())
+        summary.update(best_trial=best["trial_id"], best_params=best["params"], **{best_col: best[best_col]}, best_test=best["test"], best_run_dir=best["run_dir"], best_config=best_config)
+    png = plot_sweep(rows, space)
+    if png is not None:
+        summary["plot"] = fs.join(experiment_uri, "sweep.png")
+        fs.atomic_write_bytes(summary["plot"], png)
+    return summary
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def run_sweep(
+    space_path: str,
+    *,
+    num_samples: int | None = None,
+    ray_address: str | None = None,
+    storage_path: str | None = None,
+    name: str | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Validate the space, run (or `resume`) the sweep, write the result files; returns a summary.
+
+    `storage_path`: CLI > space file > `runs/tune`; the experiment is `<storage_path>/<name>`.
+    Ray: joins `ray_address`, or starts a local instance (127.0.0.1, no dashboard) and
+    shuts it down at the end; an already initialised Ray is used as is.
+    """
+    from ray import tune as ray_tune
+
+    from metarec.runners.ray_runner import connect
+
+    space = load_space(space_path)
+    if num_samples is not None and num_samples < 1:
+        raise ConfigError(f"--num-samples: must be >= 1, got {num_samples}")
+    _check_data(space)
+    name = name or space.name
+    storage_uri = storage_path or space.storage_path or DEFAULT_STORAGE
+    if not fs.is_uri(storage_uri):
+        storage_uri = os.path.abspath(os.path.expanduser(storage_uri))
+    experiment_uri = fs.join(storage_uri, name)
+    filesystem, experiment_path = _storage(experiment_uri)
+    exists = ray_tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
+    if resume and not exists:
+        raise ConfigError(f"{experiment_uri}: no sweep to resume here (check --storage-path and --name)")
+    if not resume and exists:
+        raise ConfigError(f"{experiment_uri}: already holds a sweep; pass --resume to continue it or --name for a new one")
+
+    import ray
+
+    started = not ray.is_initialized()
+    connect(ray_address)
+    try:
+        tuner = _tuner(space, experiment_uri, storage_uri, name, num_samples or space.num_samples, resume)
+        grid = tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    if grid.num_terminated + grid.num_errors < len(grid):  # Ctrl-C: Tune saved the state and returned early
+        raise MetaRecError(
+            f"{experiment_uri}: sweep interrupted with {len(grid) - grid.num_terminated - grid.num_errors} unfinished trials; "
+            f"continue it with: metarec tune {space_path} --resume --storage-path {storage_uri} --name {name}"
+        )
+    rows = [_trial_row(result, space, experiment_uri) for result in grid]
+    return write_outputs(rows, space, experiment_uri)
