@@ -15,6 +15,7 @@ The run directory (local or s3://) holds `config.yaml`, `history.jsonl`,
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -44,6 +45,11 @@ from metarec.models.recommender import Recommender
 from metarec.objective import domain_loss, last_position_scores
 
 BEST = "best"
+
+
+def _log(message: str) -> None:
+    """Progress messages go to stderr (stdout is for results), above any progress bar."""
+    tqdm.write(message, file=sys.stderr)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -254,7 +260,7 @@ class Trainer:
         fs.makedirs(self.out)
         fs.atomic_write_bytes(f"{self.out}/config.yaml", dump_config(cfg).encode())
         if resume and self.resume():
-            print(f"resumed {self.out} at step {self.state.step}")
+            _log(f"resumed {self.out} at step {self.state.step}")
         bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, disable=not cfg.train.progress, desc=f"{cfg.name} [{cfg.method}]", dynamic_ncols=True)
         while self.state.step < cfg.train.max_steps:
             step = self.state.step
@@ -280,7 +286,7 @@ class Trainer:
                 else:
                     self.state.evals_since_best += 1
                     stop = self.state.evals_since_best >= cfg.train.patience
-                bar.write(f"step {step + 1}: val NDCG@10 {val['NDCG@10']:.5f} (best {self.state.best_ndcg:.5f} @ {self.state.best_step})")
+                _log(f"step {step + 1}: val NDCG@10 {val['NDCG@10']:.5f} (best {self.state.best_ndcg:.5f} @ {self.state.best_step})")
             self.state.history.append(row)
             if "val" in row:
                 self._write_history()
@@ -291,7 +297,7 @@ class Trainer:
             if "val" in row and self.on_eval is not None:
                 self.on_eval(row, self)
             if stop:
-                bar.write(f"early stop at step {step + 1}: no improvement in {cfg.train.patience} evaluations")
+                _log(f"early stop at step {step + 1}: no improvement in {cfg.train.patience} evaluations")
                 break
         bar.close()
         self._write_history()

@@ -7,8 +7,8 @@ independent of the backbones), on tiny synthetic sequences cut by `TrainWindows`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 from unittest import mock
 
 import numpy as np

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from meta_toy import one_torch_thread, toy_config, toy_sampler, toy_setup
 
 from metarec.meta import (
     TaskSpec,
@@ -19,7 +20,6 @@ from metarec.meta import (
     tensor_similarity,
 )
 from metarec.objective import domain_loss
-from meta_toy import one_torch_thread, toy_config, toy_sampler, toy_setup
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,7 +72,7 @@ def _directions(theta, spec) -> list[dict[str, torch.Tensor]]:
 
 
 def test_second_order_meta_gradient_matches_finite_differences(fd_setup):
-    cfg, model, ctx, spec, theta = fd_setup
+    _, model, ctx, spec, theta = fd_setup
     result = run_task(theta, spec, ctx)
     h = 1e-5
     for v in _directions(theta, spec):

@@ -9,12 +9,20 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from meta_toy import meta_train, one_torch_thread, toy_config, toy_sampler, toy_setup
 
 from metarec.errors import CheckpointError, NonFiniteError
-from metarec.meta import TaskSampler, apply_meta_update, combine, joint_loss, run_task, task_seed, task_weight
+from metarec.meta import (
+    TaskSampler,
+    apply_meta_update,
+    combine,
+    joint_loss,
+    run_task,
+    task_seed,
+    task_weight,
+)
 from metarec.objective import domain_loss
 from metarec.runners.local import LocalRunner
-from meta_toy import one_torch_thread, meta_train, toy_config, toy_sampler, toy_setup
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -263,7 +271,7 @@ def test_joint_loss_trains_source_and_target():
     for it in range(15):
         optimizer.zero_grad(set_to_none=True)
         loss, parts = joint_loss(model, params, sampler.sample(it), ctx)
-        assert float(loss) == pytest.approx((parts["source_loss"] + parts["vq_loss"] * cfg.vq.weight + parts["target_loss"]), rel=1e-5)
+        assert float(loss.detach()) == pytest.approx((parts["source_loss"] + parts["vq_loss"] * cfg.vq.weight + parts["target_loss"]), rel=1e-5)
         loss.backward()
         optimizer.step()
         stats.append(parts)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from meta_toy import toy_config, toy_setup
 
 from metarec.objective import domain_loss
 from metarec.vq import gather_codes, nearest_codes, quantize
-from meta_toy import toy_config, toy_setup
 
 
 def test_target_item_quantizes_to_itself_with_zero_vq_loss():
@@ -85,7 +85,7 @@ def test_multi_head_maps_to_a_combination_no_target_item_has():
 def test_random_sources_use_mixed_codes_with_several_heads():
     torch.manual_seed(2)
     codebook = torch.randn(50, 16)
-    z_st, z_q, _ = quantize(torch.randn(200, 16), codebook, heads=4)
+    _, z_q, _ = quantize(torch.randn(200, 16), codebook, heads=4)
     mixed = [not any(torch.equal(q, row) for row in codebook) for q in z_q]
     assert sum(mixed) > 100
 

@@ -3,7 +3,13 @@
 from metarec.meta.inner_loop import inner_loop
 from metarec.meta.joint import joint_loss
 from metarec.meta.outer import apply_meta_update, task_weight
-from metarec.meta.rescale import combine, descent_direction, softmax_weights, tensor_similarities, tensor_similarity
+from metarec.meta.rescale import (
+    combine,
+    descent_direction,
+    softmax_weights,
+    tensor_similarities,
+    tensor_similarity,
+)
 from metarec.meta.run_task import TaskContext, TaskResult, run_task, source_loss_options
 from metarec.meta.tasks import TaskSampler, TaskSpec, task_seed
 

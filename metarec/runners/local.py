@@ -22,9 +22,3 @@ class LocalRunner:
 
     def close(self) -> None:
         """Nothing to release in-process; present for parity with the Ray runner."""
-
-    def __enter__(self) -> "LocalRunner":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -1,0 +1,228 @@
+"""`metarec tune`: space validation, a 4-trial ASHA sweep on tiny synthetic data that is
+interrupted (Ctrl-C) after a trial has finished and resumed, and its best config.
+
+The sweep runs through the CLI in a subprocess (it must be interruptible); trials run one
+at a time so that the interruption always finds finished and unfinished trials.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metarec.data.synthetic import generate_domains
+from metarec.errors import ConfigError
+from tune.space import load_space
+from tune.sweep import run_sweep
+
+MAX_STEPS, EVAL_EVERY = 40, 5
+N_EVALS = MAX_STEPS // EVAL_EVERY
+N_TRIALS = 4
+METAREC = [sys.executable, "-m", "metarec.cli"]
+
+
+def _write(path: Path, data: dict) -> str:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+def _base_config(root: str) -> dict:
+    return {
+        "name": "tiny",
+        "data": {"root": root, "target": "target", "sources": ["src-a", "src-b"], "max_len": 8},
+        "model": {"hidden": 16, "blocks": 1},
+        "train": {"batch_size": 16, "max_steps": MAX_STEPS, "eval_every": EVAL_EVERY, "patience": 100, "device": "cpu", "progress": False},
+        "meta": {"tasks_per_iter": 2},
+    }
+
+
+def _space(base: str, **changes) -> dict:
+    space = {
+        "name": "tiny_sweep",
+        "base_config": base,
+        "num_samples": N_TRIALS,
+        "max_concurrent_trials": 1,
+        "scheduler": {"grace_period": 1, "reduction_factor": 2},
+        "max_failures": 1,
+        "params": {
+            "rescale.tau": {"loguniform": [0.05, 5.0]},
+            "vq.heads": {"choice": [1, 2, 4]},
+            "meta.inner_lr": {"loguniform": ["1e-3", "1e-1"]},
+            "train.lr": {"loguniform": [3.0e-4, 3.0e-2]},
+        },
+    }
+    space.update(changes)
+    return space
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    tmp = tmp_path_factory.mktemp("tune")
+    root = generate_domains(
+        tmp / "prepared",
+        names=("src-a", "src-b", "target"),
+        n_users={"src-a": 120, "src-b": 80, "target": 40},
+        n_items={"src-a": 60, "src-b": 48, "target": 32},
+        seq_len={"src-a": 12, "src-b": 12, "target": 6},
+        n_concepts=8,
+        seed=0,
+    )
+    base = _write(tmp / "base.yaml", _base_config(str(root)))
+    return {"tmp": str(tmp), "base": base, "space": _write(tmp / "space.yaml", _space("base.yaml")), "store": str(tmp / "store")}
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "params, key, words",
+    [
+        ({"rescale.taux": {"loguniform": [0.1, 1.0]}}, "rescale.taux", "unknown config key"),
+        ({"rescale.tau": {"loguniform": [1.0, 1.0]}}, "rescale.tau", "empty range"),
+        ({"train.lr": {"loguniform": [0.0, 1.0]}}, "train.lr", "positive"),
+        ({"vq.heads": {"choice": [2, 3, 4, 5]}}, "vq.heads", "[3, 5] do not divide model.hidden=16"),
+        ({"vq.heads": {"choice": []}}, "vq.heads", "non-empty"),
+        ({"meta.inner_lr": {"lognormal": [0.1, 1.0]}}, "meta.inner_lr", "unknown distribution 'lognormal'"),
+        ({"meta.inner_steps": {"uniform": [1, 3]}}, "meta.inner_steps", "integer"),
+        ({"model.dropout": {"uniform": [0.1, 1.5]}}, "model.dropout", "less than 1"),  # a corner the config rejects
+        ({"train.max_steps": {"choice": [10, 20]}}, "train.max_steps", "overrides"),
+    ],
+)
+def test_bad_space_is_rejected_before_any_trial(files, tmp_path, params, key, words):
+    import ray
+
+    space = _write(tmp_path / "bad.yaml", _space(files["base"], params=params))
+    store = tmp_path / "store"
+    with pytest.raises(ConfigError) as err:
+        run_sweep(space, storage_path=str(store))
+    assert key in str(err.value) and words in str(err.value)
+    assert not ray.is_initialized() and not store.exists()
+
+
+def test_bad_overrides_and_metric_are_rejected(files, tmp_path):
+    with pytest.raises(ConfigError, match="overrides: unknown config key 'train.max_step'.*did you mean 'train.max_steps'"):
+        load_space(_write(tmp_path / "a.yaml", _space(files["base"], overrides={"train.max_step": 3})))
+    with pytest.raises(ConfigError, match="metric 'NDCG@11'"):
+        load_space(_write(tmp_path / "b.yaml", _space(files["base"], metric="NDCG@11")))
+    with pytest.raises(ConfigError, match="unknown key 'schedular'"):
+        load_space(_write(tmp_path / "c.yaml", _space(files["base"], schedular={})))
+
+
+def test_space_resolves_base_config_and_overrides(files):
+    space = load_space(files["space"])
+    assert space.base_config_path == files["base"]
+    assert space.max_evaluations == N_EVALS
+    cfg = space.config({"rescale.tau": 0.5, "vq.heads": 2})
+    assert (cfg.rescale.tau, cfg.vq.heads, cfg.model.hidden) == (0.5, 2, 16)
+    assert space.params["meta.inner_lr"].values == (1e-3, 1e-1)  # YAML's "1e-3" strings read as numbers
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def _result_steps(trial_dir: Path) -> list[int]:
+    path = trial_dir / "result.json"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _finished_trials(experiment: Path) -> dict[str, list[int]]:
+    """Trials that wrote metrics.json and whose last report Tune has logged."""
+    return {
+        d.name: _result_steps(d)
+        for d in experiment.iterdir()
+        if (d / "run" / "metrics.json").exists() and len(_result_steps(d)) == N_EVALS
+    }
+
+
+@pytest.fixture(scope="module")
+def sweep(files) -> dict:
+    """Run the sweep, Ctrl-C it once a trial has finished, resume it; what the tests check."""
+    experiment = Path(files["store"]) / "s"
+    cmd = [*METAREC, "tune", files["space"], "--storage-path", files["store"], "--name", "s"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 150
+    while first.poll() is None and time.time() < deadline and not (experiment.exists() and _finished_trials(experiment)):
+        time.sleep(0.2)
+    assert first.poll() is None, "the sweep ended before it could be interrupted:\n" + first.stdout.read()[-3000:]
+    before = {d.name: _result_steps(d) for d in experiment.iterdir() if d.is_dir()}
+    finished = _finished_trials(experiment)
+    assert finished, "no trial finished in time"
+    first.send_signal(signal.SIGINT)
+    out1, _ = first.communicate(timeout=120)
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return {
+        "experiment": experiment,
+        "interrupted": (first.returncode, out1),
+        "before": before,
+        "finished_before": finished,
+        "rows": json.loads((experiment / "results.json").read_text()),
+        "summary_out": resumed.stdout,
+    }
+
+
+def test_interrupted_sweep_says_how_to_resume(sweep):
+    code, out = sweep["interrupted"]
+    assert code == 2 and "sweep interrupted" in out and "--resume" in out
+
+
+def test_resumed_sweep_finishes_every_trial_without_rerunning(sweep):
+    experiment, rows = sweep["experiment"], sweep["rows"]
+    assert len(rows) == N_TRIALS and all(r["status"] != "error" for r in rows)
+    for row in rows:
+        steps = _result_steps(experiment / row["trial_id"])
+        assert steps == sorted(set(steps)), f"{row['trial_id']} reported an evaluation twice: {steps}"
+        assert steps[: len(sweep["before"].get(row["trial_id"], []))] == sweep["before"].get(row["trial_id"], [])
+        assert len(steps) == row["evals"]
+        assert row["test"] is not None and 0.0 <= row["test"]["NDCG@10"] <= 1.0
+    for trial_id, steps in sweep["finished_before"].items():  # finished before Ctrl-C: not run again
+        assert _result_steps(experiment / trial_id) == steps
+
+
+def test_asha_stopped_a_trial_early(sweep):
+    rows = sweep["rows"]
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    completed = [r for r in rows if r["status"] == "completed"]
+    assert stopped and completed
+    for r in stopped:
+        assert r["evals"] < N_EVALS
+        assert not Path(r["run_dir"], "metrics.json").exists()
+        assert r["test_source"].startswith("best checkpoint")
+    for r in completed:
+        assert r["evals"] == N_EVALS and r["test_source"] == "metrics.json"
+
+
+def test_outputs_and_best_config_trains(sweep, tmp_path):
+    experiment, rows = sweep["experiment"], sweep["rows"]
+    best = max(rows, key=lambda r: r["best_val_NDCG@10"])
+    history = [json.loads(line) for line in Path(best["run_dir"], "history.jsonl").read_text().splitlines()]
+    assert best["best_val_NDCG@10"] == max(r["val"]["NDCG@10"] for r in history if "val" in r)
+    md = (experiment / "results.md").read_text()
+    assert all(f"| {r['trial_id']} |" in md for r in rows)
+    assert (experiment / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads(sweep["summary_out"][sweep["summary_out"].rindex("\n{") :])
+    assert summary["best_trial"] == best["trial_id"] and summary["trials"] == N_TRIALS
+
+    best_config = experiment / "best_config.yaml"
+    tuned = yaml.safe_load(best_config.read_text())
+    for key, value in best["params"].items():
+        section, leaf = key.split(".")
+        assert tuned[section][leaf] == value
+    out = tmp_path / "best_run"
+    run = subprocess.run([*METAREC, "train", str(best_config), "--out", str(out), "--set", "train.max_steps=5"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 5
+
+
+def test_existing_sweep_needs_resume_and_resume_needs_a_sweep(sweep, files, tmp_path):
+    with pytest.raises(ConfigError, match="already holds a sweep"):
+        run_sweep(files["space"], storage_path=files["store"], name="s")
+    with pytest.raises(ConfigError, match="no sweep to resume"):
+        run_sweep(files["space"], storage_path=str(tmp_path), name="s", resume=True)
