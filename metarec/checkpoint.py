@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -112,7 +113,7 @@ def load_checkpoint(uri: str) -> Checkpoint:
     try:
         state = json.loads(fs.read_bytes(state_uri))
         tensors = st_load(fs.read_bytes(tensors_uri))
-    except (ValueError, OSError, json.JSONDecodeError) as err:
+    except (ValueError, OSError, SafetensorError) as err:
         raise CheckpointError(f"{uri}: unreadable checkpoint: {err}") from None
     if not state.get("complete"):
         raise CheckpointError(f"{uri}: incomplete checkpoint (no 'complete' marker)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -25,11 +26,34 @@ def _user_errors(fn):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="metarec")
-def main() -> None:
+def cli() -> None:
     """metarec: meta-training for transferable sequential recommendation (MetaRec)."""
 
 
-@main.command()
+def main() -> None:
+    """Console entry point.
+
+    Exits with os._exit after flushing: with torch and pyarrow both loaded, the
+    interpreter's teardown sometimes aborts ("terminate called without an active
+    exception", apache/arrow#34314) after the work has finished and its output is
+    written, which would turn a successful command into exit status 134.
+    """
+    code = 0
+    try:
+        cli.main(standalone_mode=True)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@cli.command()
 @click.argument("input_uri")
 @click.option("--format", "fmt", type=click.Choice(["sequences", "interactions"]), default="sequences", show_default=True)
 @click.option("--name", required=True, help="domain name (directory under --out)")
@@ -63,7 +87,7 @@ def _load(config_path, overrides):
     return load_config(config_path, overrides)
 
 
-@main.command()
+@cli.command()
 @click.argument("config_path", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config key, e.g. --set train.lr=3e-4")
 @click.option("--out", "out_dir", default=None, help="run directory (local or s3://); default runs/<name>")
@@ -90,7 +114,7 @@ def train(config_path, overrides, out_dir, resume, use_ray, ray_address):
     click.echo(json.dumps({"run_dir": out_dir, "best_step": metrics["best_step"], "test": metrics["test"]}, indent=1))
 
 
-@main.command()
+@cli.command()
 @click.argument("run_dir")
 @_user_errors
 def evaluate(run_dir):
@@ -100,7 +124,7 @@ def evaluate(run_dir):
     click.echo(json.dumps(evaluate_run(run_dir), indent=1))
 
 
-@main.command()
+@cli.command()
 @click.option("--out", "out_dir", default="runs/demo", show_default=True, help="where data, runs and demo.json go")
 @click.option("--quick", is_flag=True, help="shorter budget (CI)")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -114,7 +138,7 @@ def demo(out_dir, quick, seed):
     click.echo(f"runs, plots and demo.json under {out_dir}")
 
 
-@main.command()
+@cli.command()
 @click.argument("run_dir")
 @click.option("--user", default=None, help="a user id of the target domain (original key)")
 @click.option("--history", default=None, help='item keys, oldest first, e.g. "i1 i2 i3"')
@@ -130,7 +154,7 @@ def recommend(run_dir, user, history, k):
     click.echo(json.dumps(top_k(run_dir, user=user, history=history.split() if history else None, k=k), indent=1))
 
 
-@main.command()
+@cli.command()
 @click.argument("run_dir")
 @_user_errors
 def plot(run_dir):
@@ -141,7 +165,7 @@ def plot(run_dir):
         click.echo(path)
 
 
-@main.command()
+@cli.command()
 @click.argument("space", type=click.Path(dir_okay=False))
 @click.option("--num-samples", type=int, default=None, help="trials (default: the space file's num_samples)")
 @click.option("--ray-address", default=None, help="join a Ray cluster (auto or ADDRESS); default: local Ray")

@@ -31,6 +31,7 @@ MAX_HEATMAP_COLUMNS = 100
 
 
 def _figure(width: float, height: float):
+    """An Agg-backed Figure; MetaRecError if matplotlib (the `plot` extra) is missing."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -87,7 +88,8 @@ def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
 def weight_matrix(rows: list[dict[str, Any]], max_columns: int = MAX_HEATMAP_COLUMNS) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(sources, bin edges in steps (columns + 1,), sources × columns mean weights; NaN = not sampled).
 
-    Consecutive weight rows are grouped into at most `max_columns` bins of equal row count.
+    Consecutive weight rows are grouped into at most `max_columns` bins of equal row count;
+    a bin spans from half a step before its first row to half a step before the next bin's.
     """
     weighted = [r for r in rows if isinstance(r.get("weights"), dict) and r["weights"]]
     sources = sorted({s for r in weighted for s in r["weights"]})
@@ -129,6 +131,8 @@ def _draw_loss(ax, name: str, steps: np.ndarray, values: np.ndarray, color: str,
 
 def draw_curves(rows: list[dict[str, Any]], title: str) -> bytes:
     """PNG of the loss curves (left) and validation NDCG@10 (right)."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(11, 4)
     ax_loss, ax_val = fig.subplots(1, 2)
     series = loss_series(rows)
@@ -140,7 +144,7 @@ def draw_curves(rows: list[dict[str, Any]], title: str) -> bytes:
         handles.append(_draw_loss(top, "vq_loss", *vq, "C3", linestyle="--"))
         top.set_ylabel("vq_loss")
     ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
-    top.legend(handles=handles, loc="best", fontsize="small", framealpha=0.9)
+    top.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=len(handles), fontsize="small", frameon=False)
     ax_loss.grid(alpha=0.3)
 
     evals = [(r["step"], r["val"][VAL_METRIC]) for r in rows if isinstance(r.get("val"), dict) and VAL_METRIC in r["val"]]
@@ -156,37 +160,28 @@ def draw_curves(rows: list[dict[str, Any]], title: str) -> bytes:
     ax_val.set(xlabel="step", ylabel=VAL_METRIC, title=f"validation {VAL_METRIC}")
     ax_val.grid(alpha=0.3)
     for ax in (ax_loss, ax_val):
-        ax.xaxis.set_major_locator(_integer_locator())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     return _png(fig)
 
 
 def draw_source_weights(rows: list[dict[str, Any]], title: str) -> bytes:
     """PNG heatmap: sources × iterations, colour = mean softmax weight."""
+    from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
+
     sources, edges, matrix = weight_matrix(rows)
     fig = _figure(10, 1.2 + 0.45 * len(sources))
     ax = fig.subplots()
-    cmap = _colormap("viridis")
-    cmap.set_bad("lightgrey")
+    cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
     mesh = ax.pcolormesh(edges, np.arange(len(sources) + 1), np.ma.masked_invalid(matrix), cmap=cmap, vmin=0.0, vmax=1.0)
     ax.set_yticks(np.arange(len(sources)) + 0.5, labels=sources)
     ax.invert_yaxis()
-    ax.xaxis.set_major_locator(_integer_locator())
-    ax.set(xlabel="iteration", ylabel="source", title=f"{title}: source task weights (softmax, mean per bin)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    note = "; grey = not sampled" if np.isnan(matrix).any() else ""
+    ax.set(xlabel="iteration", ylabel="source", title=f"{title}: source task weights (softmax, mean per bin{note})")
     fig.colorbar(mesh, ax=ax, label="mean weight")
     return _png(fig)
-
-
-def _integer_locator():
-    from matplotlib.ticker import MaxNLocator
-
-    return MaxNLocator(integer=True)
-
-
-def _colormap(name: str):
-    from matplotlib import colormaps
-
-    return colormaps[name].copy()
 
 
 def plot_run(run_dir: str) -> list[str]:

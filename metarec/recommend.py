@@ -78,7 +78,7 @@ def top_k_items(model: Recommender, domain: str, history: np.ndarray, max_len: i
     inputs = torch.from_numpy(left_pad([history], max_len))
     scores = last_position_scores(model, params, domain, inputs)[0]
     scores[0] = float("-inf")
-    scores[torch.from_numpy(np.asarray(history, dtype=np.int64))] = float("-inf")
+    scores[torch.tensor(np.asarray(history), dtype=torch.long)] = float("-inf")
     n_candidates = int(torch.isfinite(scores).sum())
     values, ids = torch.topk(scores, min(k, n_candidates))
     return [(int(i), float(v)) for i, v in zip(ids, values)]

@@ -141,6 +141,15 @@ def _finished_trials(experiment: Path) -> dict[str, list[int]]:
     }
 
 
+def _ready_to_interrupt(experiment: Path) -> bool:
+    """A trial has finished and the next one has reported (so Ctrl-C catches it mid-run, unless ASHA just stopped it)."""
+    if not experiment.exists():
+        return False
+    finished = _finished_trials(experiment)
+    running = [d for d in experiment.iterdir() if d.is_dir() and d.name not in finished and _result_steps(d)]
+    return bool(finished and running)
+
+
 @pytest.fixture(scope="module")
 def sweep(files) -> dict:
     """Run the sweep, Ctrl-C it once a trial has finished, resume it; what the tests check."""
@@ -148,8 +157,8 @@ def sweep(files) -> dict:
     cmd = [*METAREC, "tune", files["space"], "--storage-path", files["store"], "--name", "s"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 150
-    while first.poll() is None and time.time() < deadline and not (experiment.exists() and _finished_trials(experiment)):
-        time.sleep(0.2)
+    while first.poll() is None and time.time() < deadline and not _ready_to_interrupt(experiment):
+        time.sleep(0.1)
     assert first.poll() is None, "the sweep ended before it could be interrupted:\n" + first.stdout.read()[-3000:]
     before = {d.name: _result_steps(d) for d in experiment.iterdir() if d.is_dir()}
     finished = _finished_trials(experiment)

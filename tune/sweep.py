@@ -140,6 +140,17 @@ def _storage(uri: str) -> tuple[pafs.FileSystem | None, str]:
     return None, os.path.abspath(os.path.expanduser(uri))
 
 
+def _unfinished_trials(experiment_path: str, filesystem: pafs.FileSystem | None) -> int:
+    """Trials that the saved experiment state (what `--resume` continues) has not finished.
+
+    After Ctrl-C, Tune marks every trial terminated in memory but saves them as pending,
+    so the saved state is the one to ask."""
+    from ray import tune as ray_tune
+
+    analysis = ray_tune.ExperimentAnalysis(experiment_path, storage_filesystem=filesystem)
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in analysis.trials)
+
+
 def _tuner(space: SearchSpace, experiment_uri: str, storage_uri: str, name: str, num_samples: int, resume: bool):
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler
@@ -341,9 +352,10 @@ def run_sweep(
     finally:
         if started:
             ray.shutdown()
-    if grid.num_terminated + grid.num_errors < len(grid):  # Ctrl-C: Tune saved the state and returned early
+    unfinished = _unfinished_trials(experiment_path, filesystem)
+    if unfinished:  # Ctrl-C: Tune saved the state and returned early
         raise MetaRecError(
-            f"{experiment_uri}: sweep interrupted with {len(grid) - grid.num_terminated - grid.num_errors} unfinished trials; "
+            f"{experiment_uri}: sweep interrupted with {unfinished} unfinished trials; "
             f"continue it with: metarec tune {space_path} --resume --storage-path {storage_uri} --name {name}"
         )
     rows = [_trial_row(result, space, experiment_uri) for result in grid]

@@ -117,11 +117,11 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
 def run_task(params: dict[str, torch.Tensor], task: TaskSpec, ctx: TaskContext) -> TaskResult:
     """Inner loop on the task's source batch, meta gradient on its target batch (DESIGN §4 steps 2–4).
 
-    θ = detached copies of `params` (leaves), φ = inner_loop(θ) on L_src + L_vq,
-    g = d L_target(φ)/dθ (second order unless `meta.first_order`), and per tensor
-    s^p = cos(g^p, u^p) with u = descent_direction(θ, φ). Dropout is on and seeded
-    with `task.seed`. Raises NonFiniteError naming the loss or tensor, the source and
-    the iteration.
+    θ = `params` detached (fresh leaves; `params` are never modified), φ = inner_loop(θ)
+    on L_src + L_vq, g = d L_target(φ)/dθ (second order unless `meta.first_order`),
+    and per tensor s^p = cos(g^p, u^p) with u = descent_direction(θ, φ). Dropout is on
+    and seeded with `task.seed`. Raises NonFiniteError naming the loss or tensor, the
+    source and the iteration.
     """
     start = time.perf_counter()
     cfg = ctx.cfg
@@ -141,7 +141,9 @@ def run_task(params: dict[str, torch.Tensor], task: TaskSpec, ctx: TaskContext) 
     with seeded_rng(task.seed, device):
         phi = inner_loop(model, theta, source_loss, cfg.meta.inner_steps, cfg.meta.inner_lr, cfg.meta.first_order)
         target = domain_loss(model, phi, ctx.target, tgt_inputs, tgt_labels, target=ctx.target)
-        losses = torch.stack([p.total.detach() for p in inner_parts] + [target.total.detach()]).cpu().tolist()
+        first = inner_parts[0]
+        values = [first.rec, first.vq, *(p.total for p in inner_parts), target.total]
+        first_rec, first_vq, *losses = torch.stack([v.detach() for v in values]).cpu().tolist()
         if not all(math.isfinite(v) for v in losses[:-1]):
             _raise_nonfinite_loss("source loss", task, theta, "parameters")
         if not math.isfinite(losses[-1]):
@@ -158,7 +160,6 @@ def run_task(params: dict[str, torch.Tensor], task: TaskSpec, ctx: TaskContext) 
         if not math.isfinite(u_norm):
             raise NonFiniteError(f"non-finite inner-loop update of tensor {name} in {_describe(task)}")
 
-    first = inner_parts[0]
     return TaskResult(
         index=task.index,
         source=task.source,
@@ -167,8 +168,8 @@ def run_task(params: dict[str, torch.Tensor], task: TaskSpec, ctx: TaskContext) 
         touched=touched,
         source_delta={n: (phi[n] - theta[n]).detach().cpu() for n in source_only_names(task.source)},
         stats={
-            "source_loss": float(first.rec.detach()),
-            "vq_loss": float(first.vq.detach()),
+            "source_loss": first_rec,
+            "vq_loss": first_vq,
             "target_loss": losses[-1],
             "seconds": time.perf_counter() - start,
         },

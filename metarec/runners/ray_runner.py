@@ -1,25 +1,50 @@
 """Ray runner: source-task inner loops in `SourceTaskWorker` actors (DESIGN §6).
 
-Same interface as `LocalRunner` (`run_tasks(params, specs) -> list[TaskResult]`,
-`close()`), and each worker calls the very same `run_task`, so the driver's
-softmax-rescaling and outer update are one code path for both runners.
+Same interface as `LocalRunner` (`run_tasks(params, specs) -> list[TaskResult]`
+sorted by task index, `close()`), and each worker calls the very same `run_task`, so
+the driver's softmax-rescaling and outer update are one code path for both runners.
 
 Per iteration the driver `ray.put`s θ once and spreads the n task specs over the
-workers: more tasks than workers queue, fewer leave workers idle. A task lost with
-its worker (the actor process died) is re-run from its spec, which carries its own
-seed, so a fault changes no result; the actor restarts (`max_restarts`). A task that
-keeps failing stops the run after `ray.max_task_retries` retries with a clear error.
+workers: more tasks than workers queue, fewer leave workers idle. Results come back
+to the driver, which sorts them by task index; `bytes_last_iteration` counts θ once
+plus the returned tensors.
+
+Faults. A task whose worker died (process killed, node lost, `ray.kill`) or that ran
+past `task_timeout_s` is re-run from its spec, which carries its own seed, so a fault
+changes no result. The failed worker is replaced by a fresh actor in the same slot
+(and the same placement group inside a Tune trial); the driver does this itself
+rather than through Ray's `max_restarts`, so it never has to guess whether a handle
+is restarting or gone. A task that fails more than `ray.max_task_retries` times stops
+the run with `WorkerFailedError`. Errors raised *by* a task (a `MetaRecError` such as
+`NonFiniteError`, or a worker that cannot load its data) are not retried: they are
+re-raised on the driver as the original error.
+
+Token authentication (Ray ≥ 2.5x). `connect(None)` (`metarec train --ray`) starts a
+private local instance bound to 127.0.0.1 and keeps token auth on: unless
+`RAY_AUTH_MODE` is set to something else than `token`, it sets `RAY_AUTH_MODE=token`
+and, if neither `RAY_AUTH_TOKEN` nor `RAY_AUTH_TOKEN_PATH` is set, a fresh random
+`RAY_AUTH_TOKEN` for this process and the Ray processes it starts. (Left to itself,
+`ray.init()` would also turn token auth on, but would write a token to
+`~/.ray/auth_token` if none exists there.) `RAY_AUTH_MODE=disabled` is respected.
+`connect(address)` joins a running cluster: the token then comes from the cluster's
+usual sources (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`, `~/.ray/auth_token`); with
+`auto`, Ray turns token mode on when such a token exists; with an explicit address,
+set `RAY_AUTH_MODE=token`. Jobs submitted with `ray job submit` inherit both from
+the cluster.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import time
 from collections import deque
 from typing import Any
 
 import ray
 import torch
 
+from metarec import fs
 from metarec.config import Config, config_from_dict
 from metarec.errors import MetaRecError
 from metarec.meta.run_task import TaskResult, run_task
@@ -27,47 +52,97 @@ from metarec.meta.tasks import TaskSpec
 
 
 class WorkerFailedError(MetaRecError):
-    """A source task failed on its workers more often than `ray.max_task_retries` allows."""
+    """Workers could not start, or a task failed more often than `ray.max_task_retries` allows."""
 
 
 class SourceTaskWorker:
-    """Loads the prepared domains once, then runs source tasks for the driver."""
+    """Loads the prepared domains once, then runs source tasks for the driver.
+
+    A user-facing error while loading (missing domain, bad config) is kept and raised
+    by every call, so the driver sees the original error instead of a dead actor.
+    """
 
     def __init__(self, cfg_json: dict[str, Any]):
         from metarec.train import build_problem, resolve_device
 
-        cfg = config_from_dict(cfg_json, "driver config")
-        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
-        device = resolve_device(cfg.train.device)
-        self.ctx = build_problem(cfg, device).task_context()
+        self.init_error: MetaRecError | None = None
+        try:
+            cfg = config_from_dict(cfg_json, "driver config")
+            torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+            self.ctx = build_problem(cfg, resolve_device(cfg.train.device)).task_context()
+        except MetaRecError as err:
+            self.init_error = err
+
+    def ready(self) -> int:
+        if self.init_error is not None:
+            raise self.init_error
+        return os.getpid()
 
     def run(self, params: dict[str, torch.Tensor], spec: TaskSpec, die: bool = False) -> TaskResult:
+        if self.init_error is not None:
+            raise self.init_error
         if die:  # fault injection: the process dies mid-task, as on a lost node
             os._exit(1)
         params = {k: v.to(self.ctx.device) for k, v in params.items()}
         return run_task(params, spec, self.ctx)
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 class RayRunner:
-    def __init__(self, cfg: Config, *, init_address: str | None = None):
+    """Runs each iteration's tasks on `ray.num_workers` `SourceTaskWorker` actors.
+
+    `start_timeout_s` bounds the wait for the workers to be placed and load their
+    data; `task_timeout_s` bounds one task (a task past it counts as failed).
+    After `run_tasks`: `bytes_last_iteration` (θ once + result tensors),
+    `last_assignment` (task index -> worker slot), `worker_replacements` (total).
+    """
+
+    def __init__(self, cfg: Config, *, start_timeout_s: float = 600.0, task_timeout_s: float = 3600.0):
         self.cfg = cfg
         r = cfg.ray
         self.max_retries = r.max_task_retries
-        remote_cls = ray.remote(
+        self.task_timeout_s = task_timeout_s
+        self._actor_cls = ray.remote(
             num_cpus=r.cpus_per_worker,
             num_gpus=r.gpus_per_worker,
-            max_restarts=max(1, r.max_task_retries + 1),
-            max_task_retries=0,  # the driver re-runs lost tasks itself, from their specs
+            max_restarts=0,  # the driver replaces dead workers itself (module docstring)
+            max_task_retries=0,  # and re-runs lost tasks from their specs
         )(SourceTaskWorker)
         strategy = _placement_strategy()
-        options = {"scheduling_strategy": strategy} if strategy is not None else {}
-        cfg_json = cfg.to_dict()
-        self.workers = [remote_cls.options(**options).remote(cfg_json) for _ in range(r.num_workers)]
+        self._options = {"scheduling_strategy": strategy} if strategy is not None else {}
+        self._cfg_json = worker_config(cfg)
+        self.workers = [self._spawn() for _ in range(r.num_workers)]
         self._injected: set[tuple[int, int]] = set()
         self.bytes_last_iteration = 0
+        self.last_assignment: dict[int, int] = {}
+        self.worker_replacements = 0
+        self._wait_ready(start_timeout_s)
+
+    def _spawn(self):
+        return self._actor_cls.options(**self._options).remote(self._cfg_json)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        r = self.cfg.ray
+        try:
+            ray.get([w.ready.remote() for w in self.workers], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise WorkerFailedError(
+                f"{r.num_workers} Ray workers ({r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU each) "
+                f"did not start within {timeout_s:.0f} s; cluster resources: {ray.cluster_resources()}"
+            ) from None
+        except ray.exceptions.RayTaskError as err:
+            self.close()
+            _reraise_user_error(err)
+            raise
+        except ray.exceptions.RayActorError as err:
+            self.close()
+            raise WorkerFailedError(f"a Ray worker died while starting: {_first_line(err)}") from None
+
+    def _replace(self, slot: int) -> None:
+        """Kill the worker in `slot` (if it still lives) and start a fresh one there."""
+        ray.kill(self.workers[slot], no_restart=True)
+        self.workers[slot] = self._spawn()
+        self.worker_replacements += 1
 
     def _should_die(self, spec: TaskSpec) -> bool:
         r = self.cfg.ray
@@ -79,51 +154,90 @@ class RayRunner:
 
     def run_tasks(self, params: dict[str, torch.Tensor], specs: list[TaskSpec]) -> list[TaskResult]:
         theta = {k: v.detach().cpu() for k, v in params.items()}
-        self.bytes_last_iteration = sum(t.numel() * t.element_size() for t in theta.values())
+        self.bytes_last_iteration = tensor_bytes(theta.values())
+        self.last_assignment = {}
         theta_ref = ray.put(theta)
         pending = deque(specs)
         attempts = {s.index: 0 for s in specs}
-        in_flight: dict[ray.ObjectRef, tuple[int, TaskSpec]] = {}
+        in_flight: dict[ray.ObjectRef, tuple[int, TaskSpec, float]] = {}
         free = deque(range(len(self.workers)))
         results: dict[int, TaskResult] = {}
         while pending or in_flight:
             while pending and free:
-                spec, w = pending.popleft(), free.popleft()
-                ref = self.workers[w].run.remote(theta_ref, spec, self._should_die(spec))
-                in_flight[ref] = (w, spec)
-            done, _ = ray.wait(list(in_flight), num_returns=1)
+                spec, slot = pending.popleft(), free.popleft()
+                ref = self.workers[slot].run.remote(theta_ref, spec, self._should_die(spec))
+                in_flight[ref] = (slot, spec, time.monotonic() + self.task_timeout_s)
+            next_deadline = min(deadline for _, _, deadline in in_flight.values())
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=max(0.0, next_deadline - time.monotonic()))
+            if not done:  # the oldest task ran past task_timeout_s: treat its worker as lost
+                ref = min(in_flight, key=lambda k: in_flight[k][2])
+                slot, spec, _ = in_flight.pop(ref)
+                self._retry(spec, attempts, f"no result within task_timeout_s={self.task_timeout_s:g} s")
+                self._replace(slot)
+                pending.appendleft(spec)
+                free.append(slot)
+                continue
             ref = done[0]
-            w, spec = in_flight.pop(ref)
-            free.append(w)
+            slot, spec, _ = in_flight.pop(ref)
             try:
                 result = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as err:
-                attempts[spec.index] += 1
-                if attempts[spec.index] > self.max_retries:
-                    raise WorkerFailedError(
-                        f"iteration {spec.iteration}: task {spec.index} (source {spec.source!r}) failed "
-                        f"{attempts[spec.index]} times; last error: {type(err).__name__}"
-                    ) from None
+                self._retry(spec, attempts, f"{type(err).__name__}: {_first_line(err)}")
+                self._replace(slot)
                 pending.appendleft(spec)  # re-run from its spec: same seed, same result
+                free.append(slot)
                 continue
             except ray.exceptions.RayTaskError as err:
-                cause = err.as_instanceof_cause()
-                if isinstance(cause, MetaRecError):
-                    raise type(cause)(str(cause).splitlines()[-1]) from None
+                _reraise_user_error(err)
                 raise
+            free.append(slot)
             results[spec.index] = result
-            self.bytes_last_iteration += _result_bytes(result)
+            self.last_assignment[spec.index] = slot
+            self.bytes_last_iteration += result_bytes(result)
         return [results[s.index] for s in sorted(specs, key=lambda s: s.index)]
+
+    def _retry(self, spec: TaskSpec, attempts: dict[int, int], why: str) -> None:
+        """Count a failed attempt of `spec`; raise WorkerFailedError once it exceeds the retries."""
+        attempts[spec.index] += 1
+        if attempts[spec.index] > self.max_retries:
+            raise WorkerFailedError(
+                f"iteration {spec.iteration}: task {spec.index} (source {spec.source!r}) failed "
+                f"{attempts[spec.index]} times (ray.max_task_retries = {self.max_retries}); last error: {why}"
+            )
 
     def close(self) -> None:
         for w in self.workers:
-            ray.kill(w)
+            ray.kill(w, no_restart=True)
         self.workers = []
 
 
-def _result_bytes(result: TaskResult) -> int:
-    tensors = list(result.meta_grad.values()) + list(result.source_delta.values())
+def worker_config(cfg: Config) -> dict[str, Any]:
+    """The config the workers build their problem from: `data.root` made absolute if it
+    is a local directory, so workers whose working directory differs find the data."""
+    raw = cfg.to_dict()
+    root = raw["data"]["root"]
+    if not fs.is_uri(root) and os.path.isdir(root):
+        raw["data"]["root"] = os.path.abspath(root)
+    return raw
+
+
+def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def result_bytes(result: TaskResult) -> int:
+    """Bytes of the tensors a task sends back (meta gradients and source deltas)."""
+    return tensor_bytes(list(result.meta_grad.values()) + list(result.source_delta.values()))
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _reraise_user_error(err: ray.exceptions.RayTaskError) -> None:
+    """Raise the original MetaRecError a task raised (no Ray traceback wrapper)."""
+    if isinstance(err.cause, MetaRecError):
+        raise err.cause from None
 
 
 def _placement_strategy():
@@ -137,17 +251,43 @@ def _placement_strategy():
     return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_capture_child_tasks=True)
 
 
+def enable_local_token_auth() -> bool:
+    """Keep token auth on for a private local Ray instance (module docstring).
+
+    Returns True if token mode is on afterwards (False when the user set
+    `RAY_AUTH_MODE` to another mode, e.g. `disabled`).
+    """
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        return False
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    # Ray caches its config and the token it loaded; make this process see the new ones.
+    from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import Config as RayletConfig
+
+    RayletConfig.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    return True
+
+
 def connect(address: str | None) -> None:
-    """Join `address` (auto or host:port), or start a local Ray instance bound to 127.0.0.1."""
+    """Join `address` (auto or host:port; default `RAY_ADDRESS`), or start a private
+    local Ray instance bound to 127.0.0.1 with token auth on."""
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+        return
+    enable_local_token_auth()
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
 def ray_runner_factory(address: str | None = None):
+    """`Trainer(runner_factory=...)`: connect (or start Ray), then a RayRunner for the run's config."""
+
     def factory(problem) -> RayRunner:
         connect(address)
         return RayRunner(problem.cfg)

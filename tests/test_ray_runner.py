@@ -1,0 +1,202 @@
+"""The Ray runner: same update as the local runner, faults change no result (DESIGN §6).
+
+One private Ray instance (2 CPUs, token auth on, temp HOME) serves the whole module.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from metarec.config import config_from_dict
+from metarec.data.synthetic import generate_domains
+from metarec.errors import DataError, NonFiniteError
+from metarec.runners.ray_runner import (
+    RayRunner,
+    WorkerFailedError,
+    connect,
+    enable_local_token_auth,
+    worker_config,
+)
+from metarec.train import Trainer
+
+ITERATIONS = 3
+
+
+@pytest.fixture(scope="module")
+def ray_home(tmp_path_factory):
+    """A private local Ray instance started by `connect(None)`, with HOME in a temp dir."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+            mp.delenv(var, raising=False)
+        assert not ray.is_initialized()
+        connect(None)
+        try:
+            yield home
+        finally:
+            ray.shutdown()
+    from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import Config as RayletConfig
+
+    RayletConfig.initialize("")  # forget the token mode of this module's instance
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    return generate_domains(
+        tmp_path_factory.mktemp("prepared"),
+        names=("src-a", "src-b", "target"),
+        n_users={"src-a": 120, "src-b": 80, "target": 40},
+        n_items={"src-a": 60, "src-b": 48, "target": 32},
+        seq_len={"src-a": 12, "src-b": 12, "target": 6},
+        n_concepts=8,
+        seed=0,
+    )
+
+
+def tiny_config(root: str, **ray_options):
+    return config_from_dict({
+        "seed": 3,
+        "data": {"root": root, "target": "target", "sources": ["src-a", "src-b"], "max_len": 6},
+        "model": {"hidden": 16, "blocks": 1},
+        "train": {"batch_size": 8, "device": "cpu", "progress": False},
+        "vq": {"heads": 2},
+        "meta": {"tasks_per_iter": 3},  # more tasks than workers: they queue
+        "ray": {"num_workers": 2, **ray_options},
+    })
+
+
+def meta_train(cfg, runner_factory=None, before_iteration=None) -> tuple[dict[str, torch.Tensor], Trainer]:
+    """ITERATIONS outer steps of the real Trainer; returns the parameters and the trainer."""
+    trainer = Trainer(cfg, "unused", runner_factory)
+    try:
+        for it in range(ITERATIONS):
+            if before_iteration is not None:
+                before_iteration(it, trainer.runner)
+            trainer.step(it)
+    finally:
+        trainer.runner.close()
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, trainer
+
+
+def ray_factory(problem):
+    return RayRunner(problem.cfg)
+
+
+def assert_same_params(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture(scope="module")
+def reference(root) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(initial, after ITERATIONS) parameters with the local runner."""
+    cfg = tiny_config(root)
+    initial = {n: p.detach().clone() for n, p in Trainer(cfg, "unused").model.named_parameters()}
+    return initial, meta_train(cfg)[0]
+
+
+def test_local_instance_keeps_token_auth_on_without_touching_home(ray_home):
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    assert len(os.environ["RAY_AUTH_TOKEN"]) == 64
+    assert is_token_auth_enabled()
+    assert not (Path(ray_home) / ".ray").exists()
+
+
+def test_disabled_auth_mode_is_respected(monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    assert enable_local_token_auth() is False
+    assert os.environ["RAY_AUTH_MODE"] == "disabled" and "RAY_AUTH_TOKEN" not in os.environ
+
+
+def test_ray_runner_matches_local_runner(ray_home, root, reference):
+    initial, want = reference
+    got, trainer = meta_train(tiny_config(root), ray_factory)
+    assert_same_params(got, want)
+    assert any(not torch.equal(want[n], initial[n]) for n in want)  # the comparison is not vacuous
+    runner = trainer.runner
+    assert sorted(runner.last_assignment) == [0, 1, 2] and set(runner.last_assignment.values()) == {0, 1}
+    theta_bytes = sum(t.numel() * t.element_size() for t in want.values())
+    assert runner.bytes_last_iteration > theta_bytes
+    assert runner.worker_replacements == 0
+
+
+def test_injected_worker_deaths_change_no_result(ray_home, root, reference):
+    cfg = tiny_config(root, fail_iteration=1, fail_task_once=[1])
+    got, trainer = meta_train(cfg, ray_factory)
+    assert trainer.runner.worker_replacements == 1
+    assert_same_params(got, reference[1])
+
+
+def test_killed_workers_change_no_result(ray_home, root, reference, monkeypatch):
+    """ray.kill of a live worker while tasks are in flight (iteration 0) and between iterations (before 2)."""
+    real_wait = ray.wait
+    killed = []
+
+    def before_iteration(it, runner):
+        if it == 0:
+            def wait_and_kill(*args, **kwargs):  # first wait of iteration 0: both workers are busy
+                if not killed:
+                    killed.append(runner.workers[1])
+                    ray.kill(runner.workers[1])
+                return real_wait(*args, **kwargs)
+
+            monkeypatch.setattr(ray, "wait", wait_and_kill)
+        if it == 2:
+            monkeypatch.setattr(ray, "wait", real_wait)
+            ray.kill(runner.workers[0])
+
+    got, trainer = meta_train(tiny_config(root), ray_factory, before_iteration)
+    assert killed and trainer.runner.worker_replacements == 2
+    assert_same_params(got, reference[1])
+
+
+def test_a_task_that_keeps_failing_stops_the_run(ray_home, root, reference, monkeypatch):
+    monkeypatch.setattr(RayRunner, "_should_die", lambda self, spec: spec.index == 0)
+    runner = RayRunner(tiny_config(root, max_task_retries=1, num_workers=1))
+    specs = Trainer(tiny_config(root), "unused").sampler.sample(0)
+    start = time.monotonic()
+    try:
+        with pytest.raises(WorkerFailedError, match=r"iteration 0: task 0 \(source '.+'\) failed 2 times \(ray.max_task_retries = 1\)"):
+            runner.run_tasks(reference[0], specs)
+    finally:
+        runner.close()
+    assert runner.worker_replacements == 1  # after the first death; the second one stops the run
+    assert time.monotonic() - start < 60
+
+
+def test_task_errors_surface_as_the_original_error(ray_home, root, reference):
+    runner = RayRunner(tiny_config(root, num_workers=1))
+    specs = Trainer(tiny_config(root), "unused").sampler.sample(0)
+    poisoned = {n: torch.full_like(t, float("nan")) if n.startswith("encoder.") else t for n, t in reference[0].items()}
+    try:
+        with pytest.raises(NonFiniteError, match="iteration 0"):
+            runner.run_tasks(poisoned, specs)
+        assert runner.worker_replacements == 0  # a task error is not a lost worker: no retry
+    finally:
+        runner.close()
+
+
+def test_workers_that_cannot_load_their_data_fail_with_the_data_error(ray_home, tmp_path):
+    cfg = tiny_config(str(tmp_path / "no-such-root"), num_workers=1)
+    with pytest.raises(DataError, match="no-such-root"):
+        RayRunner(cfg, start_timeout_s=120)
+
+
+def test_worker_config_makes_a_local_data_root_absolute(root, monkeypatch):
+    monkeypatch.chdir(Path(root).parent)
+    cfg = tiny_config(Path(root).name)
+    assert worker_config(cfg)["data"]["root"] == str(Path(root).resolve())
+    assert worker_config(tiny_config("s3://bucket/prepared"))["data"]["root"] == "s3://bucket/prepared"
