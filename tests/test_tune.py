@@ -128,26 +128,22 @@ def test_space_resolves_base_config_and_overrides(files):
 
 
 def _result_steps(trial_dir: Path) -> list[int]:
+    """Validation steps Tune has logged for a trial (complete lines of its result.json)."""
     path = trial_dir / "result.json"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+    return [json.loads(line)["step"] for line in path.read_text().split("\n")[:-1]] if path.exists() else []
 
 
-def _finished_trials(experiment: Path) -> dict[str, list[int]]:
-    """Trials that wrote metrics.json and whose last report Tune has logged."""
+def _finished_trials(experiment: Path) -> dict[str, tuple[list[int], int]]:
+    """Trials that wrote metrics.json: their reported steps and metrics.json's mtime."""
     return {
-        d.name: _result_steps(d)
+        d.name: (_result_steps(d), (d / "run" / "metrics.json").stat().st_mtime_ns)
         for d in experiment.iterdir()
-        if (d / "run" / "metrics.json").exists() and len(_result_steps(d)) == N_EVALS
+        if (d / "run" / "metrics.json").exists()
     }
 
 
-def _ready_to_interrupt(experiment: Path) -> bool:
-    """A trial has finished and the next one has reported (so Ctrl-C catches it mid-run, unless ASHA just stopped it)."""
-    if not experiment.exists():
-        return False
-    finished = _finished_trials(experiment)
-    running = [d for d in experiment.iterdir() if d.is_dir() and d.name not in finished and _result_steps(d)]
-    return bool(finished and running)
+def _running_trials(experiment: Path, finished: dict) -> list[str]:
+    return [d.name for d in experiment.iterdir() if d.is_dir() and d.name not in finished and _result_steps(d)]
 
 
 @pytest.fixture(scope="module")
@@ -156,13 +152,18 @@ def sweep(files) -> dict:
     experiment = Path(files["store"]) / "s"
     cmd = [*METAREC, "tune", files["space"], "--storage-path", files["store"], "--name", "s"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 150
-    while first.poll() is None and time.time() < deadline and not _ready_to_interrupt(experiment):
+    # Wait until a trial has finished and the next one has reported. Trials run one at a time,
+    # so Tune has then recorded the finished one as terminated, and Ctrl-C catches the next
+    # one mid-run (unless ASHA has just stopped it).
+    deadline, finished = time.time() + 150, {}
+    while first.poll() is None and time.time() < deadline:
+        finished = _finished_trials(experiment) if experiment.exists() else {}
+        if finished and _running_trials(experiment, finished):
+            break
         time.sleep(0.1)
     assert first.poll() is None, "the sweep ended before it could be interrupted:\n" + first.stdout.read()[-3000:]
-    before = {d.name: _result_steps(d) for d in experiment.iterdir() if d.is_dir()}
-    finished = _finished_trials(experiment)
     assert finished, "no trial finished in time"
+    before = {d.name: _result_steps(d) for d in experiment.iterdir() if d.is_dir()}
     first.send_signal(signal.SIGINT)
     out1, _ = first.communicate(timeout=120)
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
@@ -186,13 +187,17 @@ def test_resumed_sweep_finishes_every_trial_without_rerunning(sweep):
     experiment, rows = sweep["experiment"], sweep["rows"]
     assert len(rows) == N_TRIALS and all(r["status"] != "error" for r in rows)
     for row in rows:
-        steps = _result_steps(experiment / row["trial_id"])
-        assert steps == sorted(set(steps)), f"{row['trial_id']} reported an evaluation twice: {steps}"
-        assert steps[: len(sweep["before"].get(row["trial_id"], []))] == sweep["before"].get(row["trial_id"], [])
-        assert len(steps) == row["evals"]
+        steps, before = _result_steps(experiment / row["trial_id"]), sweep["before"].get(row["trial_id"], [])
+        assert steps[: len(before)] == before  # nothing lost
+        # A trial caught mid-run continues from its last checkpoint that Tune had registered:
+        # at most its last evaluation (reported, checkpoint not yet registered) is done again; it never starts over.
+        backs = [(a, b) for a, b in zip(steps, steps[1:]) if b <= a]
+        assert len(backs) <= 1 and all(a == b for a, b in backs), f"{row['trial_id']} went back: {steps}"
+        assert sorted(set(steps)) == [EVAL_EVERY * (i + 1) for i in range(row["evals"])]
         assert row["test"] is not None and 0.0 <= row["test"]["NDCG@10"] <= 1.0
-    for trial_id, steps in sweep["finished_before"].items():  # finished before Ctrl-C: not run again
+    for trial_id, (steps, mtime) in sweep["finished_before"].items():  # finished before Ctrl-C: not run again
         assert _result_steps(experiment / trial_id) == steps
+        assert (experiment / trial_id / "run" / "metrics.json").stat().st_mtime_ns == mtime
 
 
 def test_asha_stopped_a_trial_early(sweep):
