@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import yaml
@@ -84,8 +83,9 @@ def main() -> None:
     summary = run_sweep(str(space_path), storage_path=args.storage_path, name=args.name, resume=args.resume)
     print(json.dumps(summary, indent=1), flush=True)
     trials = json.loads(fs.read_bytes(summary["results"]))
+    space = load_space(str(space_path))
     default = default_run(str(space_path), fs.join(experiment, "default_run"))
-    default_cfg = load_space(str(space_path)).base_config.to_dict()
+    default_cfg = space.base_config.to_dict()
 
     rows = []
     for t in trials:
@@ -119,7 +119,7 @@ def main() -> None:
     meta.update(experiment=experiment, sweep=summary)
     notes = [
         verdict,
-        f"ASHA (grace {yaml.safe_load(SPACE.read_text())['scheduler']['grace_period']} evaluations, reduction 2) stopped "
+        f"ASHA (grace {space.grace_period} evaluations, reduction factor {space.reduction_factor:g}) stopped "
         f"{summary['early_stopped']} of {summary['trials']} trials early; their test metrics come from their best checkpoint.",
         f"Per-trial details, best_config.yaml and sweep.png: {experiment}.",
     ]
@@ -131,4 +131,4 @@ def _history(run_dir: str) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from metarec import fs
-from metarec.cli import main
+from metarec.cli import cli as main
 from metarec.config import config_from_dict
 from metarec.data.synthetic import generate_domains
 from metarec.errors import MetaRecError

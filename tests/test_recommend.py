@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from metarec.checkpoint import load_checkpoint, restore_model
-from metarec.cli import main
+from metarec.cli import cli as main
 from metarec.config import config_from_dict
 from metarec.data.domain import Domain, load_item_map
 from metarec.data.prepare import write_domain
