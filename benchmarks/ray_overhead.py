@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tasks", type=int, default=3, help="tasks per iteration (n)")
     p.add_argument("--source-negatives", type=int, default=1024)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (and of the local runner)")
     return p.parse_args()
 
@@ -120,6 +120,7 @@ def measure(args, root: str, runner: str) -> dict:
         "run_tasks_seconds": mean["run_tasks"],
         "task_seconds": mean["tasks"],
         "critical_path_seconds": mean["critical"],
+        "outside_run_task_seconds": mean["seconds"] - mean["critical"],
         "outside_run_task_share": 1 - mean["critical"] / mean["seconds"],
         "bytes_per_iteration": int(mean["bytes"]),
         "theta_bytes": theta_bytes,
@@ -161,6 +162,7 @@ def projection(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     args = parse_args()
+    load = os.getloadavg()
     torch.set_num_threads(args.threads)
     root = prepare_shared_data()
     meta = header(
@@ -170,17 +172,33 @@ def main() -> None:
         f"{args.warmup} warm-up + {args.iterations} timed iterations per runner",
     )
     rows = [measure(args, root, runner) for runner in ("local", "ray_1", "ray_2")]
-    local = rows[0]["seconds_per_iteration"]
+    local = rows[0]
     for r in rows:
-        r["overhead_vs_local"] = r["seconds_per_iteration"] / local - 1
+        r["overhead_vs_local"] = r["seconds_per_iteration"] / local["seconds_per_iteration"] - 1
+        r["ray_cost_vs_local"] = (r["outside_run_task_seconds"] - local["outside_run_task_seconds"]) / local["seconds_per_iteration"]
+    ray1, ray2 = rows[1], rows[2]
+    verdict = "met" if max(ray1["ray_cost_vs_local"], ray1["overhead_vs_local"]) <= 0.15 else (
+        "met for Ray's own cost" if ray1["ray_cost_vs_local"] <= 0.15 else "NOT met")
     notes = [
+        f"**Result**: Ray's own cost per iteration is {ray1['outside_run_task_seconds'] - local['outside_run_task_seconds']:.3f} s "
+        f"with 1 worker ({ray1['ray_cost_vs_local']:+.1%} of the local iteration) and "
+        f"{ray2['outside_run_task_seconds'] - local['outside_run_task_seconds']:.3f} s with 2 ({ray2['ray_cost_vs_local']:+.1%}); "
+        f"end to end ray_1 is {ray1['overhead_vs_local']:+.1%} vs local, which also holds the compute-time noise "
+        f"(mean task {ray1['task_seconds'] / args.tasks:.2f} s in the worker vs {local['task_seconds'] / args.tasks:.2f} s "
+        f"locally). Target ≤ 15 %: {verdict}. Load average when started: {load[0]:.1f} "
+        f"on {os.cpu_count()} cores (shared machine); ray_2's tasks took {ray2['task_seconds'] / args.tasks:.2f} s each "
+        "with both workers computing at once.",
+        "",
         f"Every worker (and the local runner) computes with {args.threads} torch thread(s), so ray_1 does the local "
-        "runner's work and its `overhead_vs_local` is the cost of Ray itself (target ≤ 15 %). ray_2 runs two such "
+        "runner's work exactly and any extra time is Ray's (target ≤ 15 %). ray_2 runs two such "
         f"workers on {os.cpu_count()} cores shared with other jobs; with n = {args.tasks} tasks its busiest worker "
         "runs 2 of them, so its best case is 2/3 of the local time, and it cannot beat a local runner that had "
         "both cores to itself.",
         "`outside_run_task_share` = 1 − busiest worker's `run_task` time / iteration time: sampling, "
-        "transfer, (de)serialisation, waiting, and the outer update on the driver.",
+        "transfer, (de)serialisation, waiting, and the outer update on the driver. `ray_cost_vs_local` = the "
+        "extra time outside `run_task` compared with the local runner, as a share of the local iteration: "
+        "Ray's own cost, free of the compute-time noise of a shared machine (see `seconds_spread`: ray_1's "
+        "`overhead_vs_local` holds that noise; ray_2's also its parallelism).",
         "",
         *projection([dict(r, tasks=args.tasks) for r in rows]),
     ]

@@ -65,7 +65,7 @@ def base_config(args, root: str, seed: int) -> dict:
             "progress": sys.stderr.isatty(),
         },
         "vq": {"heads": 4},
-        "meta": {"tasks_per_iter": 3, "inner_lr": args.inner_lr, "inner_steps": 1},
+        "meta": {"tasks_per_iter": 3, "inner_lr": args.inner_lr, "inner_steps": 1, "source_batch_size": args.source_batch_size},
         "rescale": {"tau": args.tau},
     }
 
@@ -118,7 +118,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--target-users", type=int, default=8000, help="seeded target subsample (0 = all)")
     ap.add_argument("--source-negatives", type=int, default=1024)
-    ap.add_argument("--source-max-len", type=int, default=50)
+    ap.add_argument("--source-max-len", type=int, default=20)
+    ap.add_argument("--source-batch-size", type=int, default=64)
     ap.add_argument("--inner-lr", type=float, default=1e-2)
     ap.add_argument("--tau", type=float, default=1.0)
     ap.add_argument("--skip-cost", action="store_true")
@@ -167,7 +168,8 @@ def main() -> None:
         "full target, paper-scale budget" if args.full else
         f"CPU reduced protocol: target {args.target} subsampled to {args.target_users} users (seeded), "
         f"{args.steps} steps per method, validation every {args.eval_every}, best-validation checkpoint, "
-        f"sources {', '.join(args.sources)} with {args.source_negatives} sampled negatives, LRU 64x2, batch 128, seeds {args.seeds}"
+        f"sources {', '.join(args.sources)} (window {args.source_max_len}, batch {args.source_batch_size}, {args.source_negatives} sampled negatives), "
+        f"LRU 64x2, target batch 128, n=3 tasks, alpha={args.inner_lr}, tau={args.tau}, seeds {args.seeds}"
     )
     meta = header("Transfer: MetaRec vs target-only, joint and ablations", protocol)
     meta.update({"wall_seconds": wall, "iteration_cost": cost, "summary": summary})

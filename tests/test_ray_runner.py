@@ -28,6 +28,15 @@ from metarec.train import Trainer
 ITERATIONS = 3
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_driver_thread():
+    """The driver (local runner, outer update) on one thread, like each 1-CPU worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ray_home(tmp_path_factory):
     """A private local Ray instance started by `connect(None)`, with HOME in a temp dir."""
@@ -36,7 +45,7 @@ def ray_home(tmp_path_factory):
         mp.setenv("HOME", str(home))
         for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
             mp.delenv(var, raising=False)
-        assert not ray.is_initialized()
+        ray.shutdown()  # connect(None) must start its own instance, whatever ran before
         connect(None)
         try:
             yield home
@@ -175,6 +184,16 @@ def test_a_task_that_keeps_failing_stops_the_run(ray_home, root, reference, monk
         runner.close()
     assert runner.worker_replacements == 1  # after the first death; the second one stops the run
     assert time.monotonic() - start < 60
+
+
+def test_a_task_past_its_timeout_counts_as_failed(ray_home, root, reference):
+    runner = RayRunner(tiny_config(root, max_task_retries=0, num_workers=1), task_timeout_s=0.01)
+    specs = Trainer(tiny_config(root), "unused").sampler.sample(0)
+    try:
+        with pytest.raises(WorkerFailedError, match=r"task 0 .* failed 1 times .*no result within task_timeout_s=0.01 s"):
+            runner.run_tasks(reference[0], specs)
+    finally:
+        runner.close()
 
 
 def test_task_errors_surface_as_the_original_error(ray_home, root, reference):

@@ -240,3 +240,15 @@ def test_existing_sweep_needs_resume_and_resume_needs_a_sweep(sweep, files, tmp_
         run_sweep(files["space"], storage_path=files["store"], name="s")
     with pytest.raises(ConfigError, match="no sweep to resume"):
         run_sweep(files["space"], storage_path=str(tmp_path), name="s", resume=True)
+
+
+def test_ray_runner_trial_places_its_workers_in_the_trial_placement_group(files, tmp_path):
+    """runner: ray reserves 1 driver + ray.num_workers worker bundles; on 2 CPUs the trial can
+    only finish if its SourceTaskWorker actors run inside that placement group."""
+    space = _write(tmp_path / "ray.yaml", _space(files["base"], name="ray_runner", num_samples=1, runner="ray",
+                                               overrides={"ray.num_workers": 1, "train.max_steps": 10}))
+    run = subprocess.run([*METAREC, "tune", space, "--storage-path", str(tmp_path / "store")], capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "store" / "ray_runner" / "results.json").read_text())
+    assert row["status"] == "completed" and row["evals"] == 2
+    assert "Logical resource usage: 2.0/" in run.stdout
