@@ -8,7 +8,7 @@ from torch.func import functional_call
 
 from metarec.config import ModelConfig
 from metarec.models import build_encoder
-from metarec.models.lru import lru_kernel, lru_prefix_scan, lru_scan
+from metarec.models.lru import lru_scan
 from metarec.models.recommender import Recommender
 from metarec.objective import domain_loss
 
@@ -118,16 +118,15 @@ def sequential_recurrence(lam: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.stack(states, dim=1)
 
 
-@pytest.mark.parametrize("scan", [lru_scan, lru_kernel, lru_prefix_scan])
-@pytest.mark.parametrize("length", [1, 2, 5, 8, 13, 64, 100])
-def test_lru_parallel_scan_equals_loop(length, scan):
+@pytest.mark.parametrize("length", [1, 2, 5, 8, 13, 64])
+def test_lru_parallel_scan_equals_loop(length):
     gen = torch.Generator().manual_seed(length)
     n = 6
     modulus = 0.5 + 0.49 * torch.rand(n, generator=gen, dtype=torch.float64)
     phase = 6.28 * torch.rand(n, generator=gen, dtype=torch.float64)
     lam = torch.polar(modulus, phase)
     u = torch.complex(torch.randn(3, length, n, generator=gen, dtype=torch.float64), torch.randn(3, length, n, generator=gen, dtype=torch.float64))
-    x_re, x_im = scan(lam.real, lam.imag, u.real, u.imag)
+    x_re, x_im = lru_scan(lam.real, lam.imag, u.real, u.imag)
     expected = sequential_recurrence(lam, u)
     torch.testing.assert_close(torch.complex(x_re, x_im), expected, rtol=1e-10, atol=1e-10)
 

@@ -40,52 +40,6 @@ def lru_scan(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Linear recurrence x_t = λ ⊙ x_{t-1} + u_t, x_{-1} = 0, along dim 1 of (B, L, N).
 
-    Short windows (L <= KERNEL_MAX_LEN) use the closed form x_t = Σ_{s<=t} λ^{t-s} u_s
-    as one batched matmul per channel (`lru_kernel`): a handful of graph nodes, which
-    keeps the second-order meta gradient cheap. Longer windows use the parallel prefix
-    scan (`lru_prefix_scan`), whose cost grows as L log L instead of L².
-    """
-    if u_re.shape[1] <= KERNEL_MAX_LEN:
-        return lru_kernel(lam_re, lam_im, u_re, u_im)
-    return lru_prefix_scan(lam_re, lam_im, u_re, u_im)
-
-
-KERNEL_MAX_LEN = 64
-
-
-def lambda_powers(lam_re: torch.Tensor, lam_im: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """λ^k for k = 0..length-1, shape (length, N), by repeated doubling (log2 L products)."""
-    p_re, p_im = torch.ones_like(lam_re)[None], torch.zeros_like(lam_im)[None]
-    cur_re, cur_im = lam_re[None], lam_im[None]  # λ^count
-    while p_re.shape[0] < length:
-        n_re, n_im = complex_mul(p_re, p_im, cur_re, cur_im)
-        p_re, p_im = torch.cat([p_re, n_re]), torch.cat([p_im, n_im])
-        cur_re, cur_im = complex_mul(cur_re, cur_im, cur_re, cur_im)
-    return p_re[:length], p_im[:length]
-
-
-def lru_kernel(
-    lam_re: torch.Tensor, lam_im: torch.Tensor, u_re: torch.Tensor, u_im: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_t = Σ_{s<=t} λ^{t-s} u_s as a (2L x 2L) real block-Toeplitz matmul per channel."""
-    b, length, n = u_re.shape
-    p_re, p_im = lambda_powers(lam_re, lam_im, length)
-    t = torch.arange(length, device=u_re.device)
-    lag = t[:, None] - t[None, :]  # (L, L): t - s
-    causal = (lag >= 0).to(u_re.dtype)[..., None]
-    k_re = p_re[lag.clamp(min=0)] * causal  # (L, L, N)
-    k_im = p_im[lag.clamp(min=0)] * causal
-    kernel = torch.cat([torch.cat([k_re, -k_im], 1), torch.cat([k_im, k_re], 1)], 0)  # (2L, 2L, N)
-    u = torch.cat([u_re, u_im], 1).permute(2, 1, 0)  # (N, 2L, B)
-    x = torch.bmm(kernel.permute(2, 0, 1), u).permute(2, 1, 0)  # (B, 2L, N)
-    return x[:, :length], x[:, length:]
-
-
-def lru_prefix_scan(
-    lam_re: torch.Tensor, lam_im: torch.Tensor, u_re: torch.Tensor, u_im: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear recurrence x_t = λ ⊙ x_{t-1} + u_t, x_{-1} = 0, along dim 1 of (B, L, N).
-
     Parallel prefix scan in ceil(log2 L) vectorised steps (Hillis–Steele form of the
     associative scan over (λ^k, x) pairs that LRURec's `lru_parallel` also computes):
     after the step with shift k, x_t holds Σ_{s=t-2k+1..t} λ^{t-s} u_s, and λ^k is
