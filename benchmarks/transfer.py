@@ -22,7 +22,8 @@ import sys
 import tempfile
 import time
 
-from common import METRICS, header, peak_rss_gib, prepare_shared_data, summarize, write_results
+import torch
+from common import METRICS, RESULTS, header, peak_rss_gib, prepare_shared_data, summarize, write_results
 
 import metarec.objective as objective
 from metarec.config import config_from_dict
@@ -31,6 +32,8 @@ from metarec.train import Trainer, train
 METHODS = {
     "lru_target_only": {"data": {"sources": []}},
     "sasrec_target_only": {"data": {"sources": []}, "model": {"backbone": "sasrec"}},
+    # MetaRec's outer step sees n target batches per iteration; this baseline sees as much target data per step
+    "lru_target_only_nx_batch": {"data": {"sources": []}, "train": {"batch_size": 128 * 3}},
     "joint": {"meta": {"enabled": False}},
     "metarec": {},
     "metarec_single_head": {"vq": {"heads": 1}},
@@ -123,15 +126,27 @@ def main() -> None:
     ap.add_argument("--inner-lr", type=float, default=1e-2)
     ap.add_argument("--tau", type=float, default=1.0)
     ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--results-name", default="transfer", help="benchmarks/results/NAME.{json,md}")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (run seeds in parallel with 1 each)")
+    ap.add_argument(
+        "--rows-from", nargs="+", default=None, metavar="NAME",
+        help="skip training: combine the rows of earlier runs (benchmarks/results/NAME.json, e.g. one per seed)",
+    )
     args = ap.parse_args()
     if args.full:
         args.target_users, args.steps, args.eval_every = 0, 20000, 500
     args.target_users = args.target_users or None
     root = prepare_shared_data()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     t0 = time.perf_counter()
-    for seed in args.seeds:
+    if args.rows_from:
+        for name in args.rows_from:
+            rows.extend(json.loads((RESULTS / f"{name}.json").read_text()))
+        args.seeds = sorted({r["seed"] for r in rows})
+    for seed in [] if args.rows_from else args.seeds:
         for method in args.methods:
             cfg = config_from_dict(merge(base_config(args, root, seed), METHODS[method]))
             with tempfile.TemporaryDirectory() as run_dir:
@@ -146,7 +161,7 @@ def main() -> None:
     wall = time.perf_counter() - t0
 
     summary = summarize(rows)
-    best_target_only = max((r for r in summary if r["method"].endswith("target_only")), key=lambda r: r["NDCG@10"], default=None)
+    best_target_only = max((r for r in summary if "target_only" in r["method"]), key=lambda r: r["NDCG@10"], default=None)
     meta_row = next((r for r in summary if r["method"] == "metarec"), None)
     notes = []
     if best_target_only and meta_row:
@@ -180,7 +195,7 @@ def main() -> None:
         "| " + " | ".join(f"{r[c]:.5f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |" for r in summary))
     for r in rows:
         r["device"] = meta["machine"]
-    write_results("transfer", meta, rows, notes)
+    write_results(args.results_name, meta, rows, notes)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from metarec.errors import ConfigError
+from metarec import fs
+from metarec.errors import CheckpointError, ConfigError
 
 
 class _Section(BaseModel):
@@ -224,3 +225,15 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def load_run_config(run_dir: str) -> Config:
+    """The validated config a run directory was trained with (`RUN_DIR/config.yaml`)."""
+    uri = fs.join(run_dir, "config.yaml")
+    if not fs.exists(uri):
+        raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml)")
+    try:
+        raw = yaml.safe_load(fs.read_text(uri))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{uri}: not valid YAML: {err}") from None
+    return config_from_dict(raw, uri)

@@ -9,6 +9,7 @@ budget, and prints their test metrics side by side.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from metarec import fs
@@ -47,8 +48,20 @@ def run_demo(out_dir: str, quick: bool = False, seed: int = 0, progress: bool = 
         cfg = config_from_dict(raw, "demo config")
         metrics = train(cfg, f"{out_dir}/{method}")
         table[method] = metrics["test"]
+        _plot(f"{out_dir}/{method}")
     fs.atomic_write_bytes(f"{out_dir}/demo.json", json.dumps(table, indent=1).encode())
     return table
+
+
+def _plot(run_dir: str) -> None:
+    """Training curves (and the source-weight heatmap) when the `plot` extra is installed."""
+    from metarec.errors import MetaRecError
+    from metarec.plots import plot_run
+
+    try:
+        plot_run(run_dir)
+    except MetaRecError as err:  # matplotlib missing: the table is the demo's result
+        print(f"note: no plots ({err})", file=sys.stderr)
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:

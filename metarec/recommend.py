@@ -18,30 +18,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from metarec import fs
 from metarec.checkpoint import load_checkpoint, restore_model
-from metarec.config import Config, config_from_dict
+from metarec.config import Config, load_run_config
 from metarec.data.batches import left_pad
 from metarec.data.domain import Domain, load_item_map
-from metarec.errors import CheckpointError, DataError, MetaRecError
+from metarec.errors import DataError, MetaRecError
 from metarec.models.recommender import Recommender
 from metarec.objective import last_position_scores
 
 BEST_CHECKPOINT = "checkpoints/best"
-
-
-def load_run_config(run_dir: str) -> Config:
-    """The validated config a run directory was trained with (`RUN_DIR/config.yaml`)."""
-    uri = fs.join(run_dir, "config.yaml")
-    if not fs.exists(uri):
-        raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml)")
-    try:
-        raw = yaml.safe_load(fs.read_text(uri))
-    except yaml.YAMLError as err:
-        raise CheckpointError(f"{uri}: not valid YAML: {err}") from None
-    return config_from_dict(raw, uri)
 
 
 def load_target_model(run_dir: str, cfg: Config, n_items: int) -> Recommender:

@@ -32,7 +32,7 @@ from metarec.checkpoint import (
     restore_model,
     save_checkpoint,
 )
-from metarec.config import Config, dump_config
+from metarec.config import Config, dump_config, load_run_config
 from metarec.data.batches import TrainWindows
 from metarec.data.domain import Domain, load_domains
 from metarec.errors import CheckpointError, NonFiniteError
@@ -335,14 +335,8 @@ def train(cfg: Config, out_dir: str, *, resume: bool = False, runner_factory=Non
 
 def evaluate_run(run_dir: str) -> dict[str, float]:
     """Recompute the test metrics of a run directory from its best checkpoint."""
-    from metarec.config import config_from_dict
-    import yaml
-
     run_dir = run_dir.rstrip("/")
-    cfg_uri = f"{run_dir}/config.yaml"
-    if not fs.exists(cfg_uri):
-        raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = config_from_dict(yaml.safe_load(fs.read_bytes(cfg_uri)), cfg_uri)
+    cfg = load_run_config(run_dir)
     problem = build_problem(cfg)
     best = load_checkpoint(f"{run_dir}/checkpoints/{BEST}")
     restore_model(problem.model, best.params, run_dir)
