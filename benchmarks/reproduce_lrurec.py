@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override the step budget per run")
     args = ap.parse_args()
     root = prepare_shared_data()
-    budgets = {"movielens-1m": (20000, 1000), "amazon-video-games": (40000, 1000)} if args.full else {"movielens-1m": (1500, 250), "amazon-video-games": (2000, 250)}
+    budgets = {"movielens-1m": (20000, 1000), "amazon-video-games": (40000, 1000)} if args.full else {"movielens-1m": (500, 125), "amazon-video-games": (1000, 250)}
     rows = []
     for dataset in args.datasets:
         steps, every = budgets[dataset]
