@@ -22,7 +22,7 @@ TARGET = "synthetic-target"
 
 
 def demo_config(root: str, method: str, quick: bool, seed: int = 0) -> dict[str, Any]:
-    steps = 300 if quick else 1200
+    steps = 200 if quick else 300
     return {
         "name": f"demo_{method}",
         "seed": seed,
