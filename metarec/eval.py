@@ -21,23 +21,28 @@ from metarec.data.batches import left_pad
 from metarec.errors import NonFiniteError
 
 METRIC_KS = (5, 10, 20)
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
 @functools.cache
-def limit_heap_fragmentation() -> None:
-    """Serve allocations >= 64 KiB with mmap so they go back to the OS when freed (glibc only).
-
-    Evaluation allocates and frees (B x K) score blocks per user chunk; with glibc's
-    dynamic mmap threshold those land on the heap and fragment it, and the process's
-    peak RSS drifted between 0.7 and 2.4 GiB on amazon-beauty (57k items) from run to
-    run; with a fixed 64 KiB threshold it stays around 0.6 GiB.
-    """
+def _libc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc: nothing to release
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc `malloc_trim`).
+
+    Evaluation allocates and frees (B x K) score blocks per user chunk; glibc keeps the
+    freed pages, and the process's peak RSS drifted between 0.7 and 2.4 GiB on
+    amazon-beauty (57k items) from run to run. Trimming after each chunk keeps it flat
+    without forcing every allocation through mmap (which cost 2.7x in speed).
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,7 +118,6 @@ def evaluate(
         raise ValueError(f"evaluation: {len(histories)} histories but {len(targets)} targets")
     if batch_size < 1 or max_len < 1:
         raise ValueError("evaluation: batch_size and max_len must be positive")
-    limit_heap_fragmentation()
     ranks = []
     starts = range(0, len(targets), batch_size)
     for start in tqdm(starts, total=math.ceil(len(targets) / batch_size), desc="evaluate", unit="batch", disable=not progress):
@@ -122,6 +126,8 @@ def evaluate(
         with torch.no_grad():
             scores = score_fn(inputs)
             ranks.append(rank_of_targets(scores, torch.from_numpy(targets[start:stop]), inputs if exclude_history else None).cpu())
+            del scores
+            release_freed_memory()
     metrics: dict[str, float | int] = dict(metrics_from_ranks(torch.cat(ranks) if ranks else torch.empty(0)))
     metrics["n_users"] = len(targets)
     return metrics
