@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from metarec.config import config_from_dict
-from metarec.errors import CheckpointError, NonFiniteError
+from metarec.errors import CheckpointError, DataError, NonFiniteError
 from metarec.train import Trainer, evaluate_run, train
 
 METAREC = [sys.executable, "-m", "metarec.cli"]
@@ -134,7 +134,7 @@ def test_cli_prepare_reports_bad_line(tmp_path):
 
 
 def test_missing_domain_names_the_path(tmp_path):
-    with pytest.raises(Exception) as e:
+    with pytest.raises(DataError) as e:
         train(config_from_dict(tiny_config(str(tmp_path / "empty"))), str(tmp_path / "run"))
     assert "target" in str(e.value) and "prepare" in str(e.value)
     assert not (Path(tmp_path) / "run" / "metrics.json").exists()
