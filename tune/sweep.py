@@ -213,11 +213,10 @@ def _trial_row(result, space: SearchSpace, experiment_uri: str) -> dict[str, Any
     if result.error is not None:
         row.update(status=STATUS_ERROR, test=None, test_source=None, error=str(result.error).strip().splitlines()[-1])
         return row
-    row["status"] = STATUS_COMPLETED if row["evals"] >= space.max_evaluations else STATUS_STOPPED
     if fs.exists(f"{run_dir}/metrics.json"):  # the trial ran to its end (all steps, or patience)
-        row.update(test=json.loads(fs.read_bytes(f"{run_dir}/metrics.json"))["test"], test_source="metrics.json")
-    else:  # stopped by ASHA before it could test: test its best checkpoint now
-        row.update(test=evaluate_run(run_dir), test_source="best checkpoint (evaluate_run)")
+        row.update(status=STATUS_COMPLETED, test=json.loads(fs.read_bytes(f"{run_dir}/metrics.json"))["test"], test_source="metrics.json")
+    else:  # stopped by ASHA (possibly at a rung on its last evaluation) before it could test: test its best checkpoint now
+        row.update(status=STATUS_STOPPED, test=evaluate_run(run_dir), test_source="best checkpoint (evaluate_run)")
     return row
 
 
