@@ -29,6 +29,10 @@ class DataConfig(_Section):
     max_len: int = Field(50, ge=2, description="input window length (LRURec: 50, 200 for MovieLens)")
     source_max_len: int | None = Field(None, ge=2, description="window length for source domains (default: max_len)")
     target_users: int | None = Field(None, ge=10, description="seeded subsample of target users (reduced protocol)")
+    subsample_seed: int | None = Field(None, ge=0, description="seed of the target_users subsample (default: seed)")
+    subsample_items: Literal["keep", "compact"] = Field(
+        "keep", description="after target_users: keep every item ID, or compact to the items the subsample holds"
+    )
     source_sampling: Literal["uniform", "proportional"] = "uniform"
 
     @model_validator(mode="after")

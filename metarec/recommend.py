@@ -87,6 +87,8 @@ def recommend(run_dir: str, *, user: str | None = None, history: list[str] | Non
     run_dir = run_dir.rstrip("/")
     cfg = load_run_config(run_dir)
     root, target = cfg.data.root, cfg.data.target
+    if cfg.data.target_users and cfg.data.subsample_items == "compact":
+        raise MetaRecError(f"{run_dir}: trained with data.subsample_items=compact (a benchmark protocol); its item IDs are not the domain's, so it cannot recommend")
     key_to_id = load_item_map(root, target)
     id_to_key = {i: key for key, i in key_to_id.items()}
     result: dict[str, Any]

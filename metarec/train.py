@@ -92,7 +92,10 @@ def build_problem(cfg: Config, device: torch.device | None = None) -> Problem:
     names = [cfg.data.target, *cfg.data.sources]
     domains = load_domains(cfg.data.root, names)
     if cfg.data.target_users:
-        domains[cfg.data.target] = domains[cfg.data.target].subsample_users(cfg.data.target_users, cfg.seed)
+        seed = cfg.seed if cfg.data.subsample_seed is None else cfg.data.subsample_seed
+        domains[cfg.data.target] = domains[cfg.data.target].subsample_users(
+            cfg.data.target_users, seed, compact_items=cfg.data.subsample_items == "compact"
+        )
     windows = {}
     for name, dom in domains.items():
         max_len = cfg.data.max_len if name == cfg.data.target else (cfg.data.source_max_len or cfg.data.max_len)

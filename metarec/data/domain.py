@@ -71,16 +71,29 @@ class Domain:
         sequences = np.split(values, offsets[1:-1]) if len(offsets) > 1 else []
         return cls(name=name, n_items=n_items, users=table.column("user").to_pylist(), sequences=sequences, manifest=manifest)
 
-    def subsample_users(self, n: int, seed: int) -> "Domain":
-        """A seeded random subset of n users (file order kept); items keep their IDs."""
-        if n >= self.n_users:
+    def subsample_users(self, n: int, seed: int, compact_items: bool = False) -> "Domain":
+        """A seeded random subset of n users (file order kept).
+
+        Items keep their IDs, or with `compact_items` are renumbered 1..K' (in ID order)
+        over the items the chosen users hold, as a small domain of its own would be.
+        """
+        if n >= self.n_users and not compact_items:
             return self
-        chosen = np.sort(np.random.default_rng(seed).choice(self.n_users, size=n, replace=False))
+        chosen = np.sort(np.random.default_rng(seed).choice(self.n_users, size=min(n, self.n_users), replace=False))
+        sequences = [self.sequences[i] for i in chosen]
+        n_items = self.n_items
+        if compact_items:
+            held = np.unique(np.concatenate(sequences)) if sequences else np.zeros(0, np.int32)
+            new_id = np.zeros(self.n_items + 1, dtype=np.int32)
+            new_id[held] = np.arange(1, held.size + 1, dtype=np.int32)
+            sequences = [new_id[s] for s in sequences]
+            n_items = int(held.size)
         return replace(
             self,
+            n_items=n_items,
             users=[self.users[i] for i in chosen],
-            sequences=[self.sequences[i] for i in chosen],
-            manifest={**self.manifest, "subsample": {"n_users": n, "seed": seed}},
+            sequences=sequences,
+            manifest={**self.manifest, "subsample": {"n_users": len(chosen), "seed": seed, "compact_items": compact_items}},
         )
 
     def train_sequences(self) -> list[np.ndarray]:

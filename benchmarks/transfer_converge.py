@@ -1,0 +1,410 @@
+"""Transfer at convergence: MetaRec vs tuned target-only baselines, joint training and the
+ablations, across target sizes (issue 11).
+
+Every run trains until early stopping on target validation NDCG@10: validation every
+`--eval-fraction` of a target epoch (counted in target sequences seen, so a MetaRec
+iteration, which sees n target batches, is validated as often per target sequence as a
+target-only step), patience `--patience` evaluations; a run that reaches `--max-steps`
+first is recorded with `converged: false`. Test metrics come from the best-validation
+checkpoint.
+
+A *group* is (target dataset, target users). The target is subsampled once per group
+with a fixed seed (`data.subsample_seed`, so every method and seed sees the same users)
+and compacted to the items those users hold (`data.subsample_items: compact`), as a
+small domain of its own would be. Seeds vary the initialisation, dropout and batches.
+
+    # runs (one JSON row per finished run, appended to benchmarks/results/NAME.jsonl;
+    # finished runs are skipped, so an interrupted command just continues):
+    python benchmarks/transfer_converge.py run --target-users 1000 3000 --seeds 0 1 2 --jobs 2
+    # a random search on validation for one method (same budget for every method searched):
+    python benchmarks/transfer_converge.py search --method lru_target_only --trials 8 --target-users 1000
+    # the report (JSON + Markdown, paired bootstrap over test users, plot):
+    python benchmarks/transfer_converge.py report
+
+Per-run details (validation curve, per-source weights over time, per-user test NDCG@10
+for the bootstrap) go to benchmarks/results/NAME_runs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import RESULTS, header, machine, prepare_shared_data
+
+DEFAULT_SOURCES = ["amazon-beauty", "amazon-sports", "yelp", "movielens-1m"]
+
+# Method = overrides on the base config. Tuned baselines add their searched overrides
+# from NAME_tuned.json (written by `search`).
+METHODS: dict[str, dict] = {
+    "lru_target_only": {"data": {"sources": []}},
+    "sasrec_target_only": {"data": {"sources": []}, "model": {"backbone": "sasrec"}},
+    "lru_target_only_nx_batch": {"data": {"sources": []}, "train": {"batch_size": 128 * 3}},
+    "joint": {"meta": {"enabled": False}},
+    "metarec": {},
+    "metarec_single_head": {"vq": {"heads": 1}},
+    "metarec_no_vq": {"vq": {"enabled": False}},
+    "metarec_no_rescale": {"rescale": {"enabled": False}},
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def dotted(overrides: dict[str, object]) -> dict:
+    """{"a.b": v} -> {"a": {"b": v}}."""
+    out: dict = {}
+    for key, value in overrides.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def base_config(args, root: str, target: str, users: int | None, seed: int) -> dict:
+    return {
+        "name": "converge",
+        "seed": seed,
+        "data": {
+            "root": root, "target": target, "sources": [s for s in args.sources if s != target], "max_len": 50,
+            "source_max_len": args.source_max_len, "target_users": users, "subsample_seed": 0, "subsample_items": "compact",
+        },
+        "model": {"backbone": "lru", "hidden": 64, "blocks": 2, "dropout": 0.2},
+        "train": {
+            "batch_size": 128, "lr": 1e-3, "weight_decay": 0.01, "max_steps": args.max_steps, "eval_every": 1,
+            "patience": args.patience, "source_negatives": args.source_negatives, "progress": False,
+        },
+        "vq": {"heads": 4},
+        "meta": {"tasks_per_iter": 3, "source_batch_size": args.source_batch_size},
+    }
+
+
+def method_config(args, root, target, users, seed, method, tuned) -> tuple[dict, dict]:
+    """(raw config, its searched overrides) of `method`: a METHODS entry or a tuned one."""
+    base, over = (tuned[method]["base"], tuned[method]["overrides"]) if method in tuned else (method, {})
+    raw = merge(base_config(args, root, target, users, seed), METHODS[base])
+    return merge(raw, dotted(over)), over
+
+
+# ------------------------------------------------------------------ one run
+
+
+def per_user_ndcg(trainer, split: str = "test") -> np.ndarray:
+    """NDCG@10 of every evaluated target user for the trainer's current (best) parameters."""
+    from metarec.data.batches import left_pad
+    from metarec.eval import rank_of_targets
+    from metarec.objective import last_position_scores
+
+    problem = trainer.problem
+    model = problem.model.eval()
+    params = dict(model.named_parameters())
+    histories, targets = problem.domains[problem.target].eval_examples(split)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(targets), 512):
+            inputs = torch.from_numpy(left_pad(histories[start : start + 512], problem.cfg.data.max_len))
+            scores = last_position_scores(model, params, problem.target, inputs)
+            ranks = rank_of_targets(scores, torch.from_numpy(targets[start : start + 512]), inputs).double()
+            out.append(torch.where(ranks <= 10, 1.0 / torch.log2(ranks + 1), 0.0).numpy())
+    return np.concatenate(out)
+
+
+def run_one(job: dict) -> dict:
+    """Train one (group, method, seed) to early stopping; returns its row (also saves details)."""
+    torch.set_num_threads(job["threads"])
+    from metarec.config import config_from_dict
+    from metarec.train import Trainer
+
+    raw = job["config"]
+    cfg = config_from_dict(raw)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, run_dir)
+        windows = len(trainer.problem.windows[cfg.data.target])
+        per_step = cfg.train.batch_size * (cfg.meta.tasks_per_iter if cfg.method != "target_only" else 1)
+        eval_every = max(1, round(job["eval_fraction"] * windows / per_step))
+        trainer.cfg.train.eval_every = eval_every
+        start = time.perf_counter()
+        m = trainer.fit()
+        wall = time.perf_counter() - start
+        users = per_user_ndcg(trainer)
+        history = trainer.state.history
+    stopped_early = m["steps"] < cfg.train.max_steps
+    row = {
+        "dataset": cfg.data.target, "target_users": cfg.data.target_users, "method": job["method"], "seed": cfg.seed,
+        **{k: m["test"][k] for k in ("NDCG@10", "Recall@10", "MRR")},
+        "val NDCG@10": m["val"]["NDCG@10"], "best_step": m["best_step"], "steps": m["steps"], "converged": stopped_early,
+        "eval_every": eval_every, "target_sequences_seen": m["steps"] * per_step,
+        "train_seconds": round(m["train_seconds"], 1), "wall_seconds": round(wall, 1), "device": machine(),
+        "overrides": job["overrides"],
+    }
+    if m["source_weights"]:
+        row["final source weights"] = {k: round(v, 4) for k, v in m["source_weights"][-1].items() if k != "step"}
+    detail = {
+        "row": row,
+        "val_curve": [[r["step"], r["val"]["NDCG@10"]] for r in history if "val" in r],
+        "source_weights": m["source_weights"],
+        "test_ndcg10_per_user": [round(float(x), 5) for x in users],
+    }
+    path = Path(job["detail_path"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(detail))
+    return row
+
+
+def detail_path(name: str, row_key: tuple) -> str:
+    dataset, users, method, seed = row_key
+    return str(RESULTS / f"{name}_runs" / f"{dataset}-{users or 'all'}" / f"{method}-seed{seed}.json")
+
+
+def load_rows(name: str) -> list[dict]:
+    path = RESULTS / f"{name}.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def key_of(row: dict) -> tuple:
+    return (row["dataset"], row["target_users"], row["method"], row["seed"])
+
+
+def run_jobs(args, jobs: list[dict]) -> list[dict]:
+    """Run the jobs (args.jobs at a time), appending each finished row to NAME.jsonl."""
+    out_path = RESULTS / f"{args.name}.jsonl"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    if not jobs:
+        return rows
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_one, job): job for job in jobs}
+        for future in futures:
+            job = futures[future]
+            try:
+                row = future.result()
+            except Exception as err:  # record and go on: one failed run must not lose the others
+                print(f"FAILED {job['method']} seed {job['seed']}: {err!r}", file=sys.stderr, flush=True)
+                continue
+            with out_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps({k: row[k] for k in ("dataset", "target_users", "method", "seed", "NDCG@10", "val NDCG@10", "best_step", "steps", "converged", "train_seconds")}), flush=True)
+            rows.append(row)
+    return rows
+
+
+def load_tuned(name: str) -> dict:
+    path = RESULTS / f"{name}_tuned.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def cmd_run(args) -> None:
+    root = prepare_shared_data()
+    tuned = load_tuned(args.name)
+    done = {key_of(r) for r in load_rows(args.name)}
+    jobs = []
+    for users in args.target_users:
+        users = users or None
+        for seed in args.seeds:
+            for method in args.methods:
+                key = (args.target, users, method, seed)
+                if key in done:
+                    continue
+                raw, over = method_config(args, root, args.target, users, seed, method, tuned)
+                jobs.append({
+                    "method": method, "seed": seed, "threads": args.threads, "eval_fraction": args.eval_fraction,
+                    "config": raw, "overrides": over, "detail_path": detail_path(args.name, key),
+                })
+    print(f"{len(jobs)} runs to do ({len(done)} already in {args.name}.jsonl)", file=sys.stderr, flush=True)
+    run_jobs(args, jobs)
+
+
+# --------------------------------------------------------------- the search
+
+SPACES = {
+    "target_only": {"train.lr": ("log", 3e-4, 3e-3), "model.dropout": ("choice", [0.1, 0.2, 0.3, 0.5]),
+                    "train.weight_decay": ("choice", [0.0, 0.01, 0.1, 0.5]), "train.batch_size": ("choice", [32, 64, 128, 256])},
+}
+
+
+def sample(space: dict, rng: random.Random) -> dict:
+    out = {}
+    for key, spec in space.items():
+        if spec[0] == "log":
+            out[key] = float(f"{math.exp(rng.uniform(math.log(spec[1]), math.log(spec[2]))):.3g}")
+        else:
+            out[key] = rng.choice(spec[1])
+    return out
+
+
+def cmd_search(args) -> None:
+    """Random search on validation NDCG@10 (seed 0) for `--method`; the best overrides go to NAME_tuned.json."""
+    root = prepare_shared_data()
+    rng = random.Random(args.search_seed)
+    space = SPACES[args.space]
+    tuned_name = args.tuned_as or f"{args.method}_tuned"
+    trials = [{}] + [sample(space, rng) for _ in range(args.trials - 1)]  # trial 0: the default config
+    done = {key_of(r): r for r in load_rows(args.name)}
+    jobs, rows = [], []
+    for i, over in enumerate(trials):
+        label = f"{tuned_name}@trial{i}"
+        key = (args.target, args.target_users[0] or None, label, 0)
+        if key in done:
+            rows.append(done[key])
+            continue
+        raw = merge(base_config(args, root, args.target, args.target_users[0] or None, 0), METHODS[args.method])
+        jobs.append({"method": label, "seed": 0, "threads": args.threads, "eval_fraction": args.eval_fraction,
+                     "config": merge(raw, dotted(over)), "overrides": over, "detail_path": detail_path(args.name, key)})
+    rows += run_jobs(args, jobs)
+    best = max(rows, key=lambda r: r["val NDCG@10"])
+    tuned = load_tuned(args.name)
+    tuned[tuned_name] = {"base": args.method, "overrides": best["overrides"], "val NDCG@10": best["val NDCG@10"], "trials": len(rows)}
+    (RESULTS / f"{args.name}_tuned.json").write_text(json.dumps(tuned, indent=1) + "\n")
+    print(f"best of {len(rows)} trials for {tuned_name}: {best['overrides']} (val NDCG@10 {best['val NDCG@10']:.5f})", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a − b over users and its 95% bootstrap interval (users resampled)."""
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, size=(reps, diff.size))].mean(axis=1)
+    return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def cmd_report(args) -> None:
+    rows = [r for r in load_rows(args.name) if "@trial" not in r["method"]]
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["target_users"]), {}).setdefault(r["method"], []).append(r)
+    meta = header("Transfer at convergence: MetaRec vs tuned target-only, joint and ablations", args.budget)
+    lines = [f"# {meta['title']}", "", f"- command: `{meta['command']}`", f"- machine: {meta['machine']}", f"- date: {meta['date']}", f"- budget: {meta['budget']}", ""]
+    summary = []
+    for (dataset, users), methods in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 10**9)):
+        lines += [f"## {dataset}, {users or 'all'} target users", "", "| method | seeds | converged | test NDCG@10 (mean ± std) | Recall@10 | MRR | val NDCG@10 | best step | train s |", "|---|---|---|---|---|---|---|---|---|"]
+        stats = {}
+        for method, rs in sorted(methods.items()):
+            nd = [r["NDCG@10"] for r in rs]
+            s = {"dataset": dataset, "target_users": users, "method": method, "seeds": len(rs), "converged": sum(r["converged"] for r in rs),
+                 "NDCG@10": statistics.fmean(nd), "NDCG@10 std": statistics.stdev(nd) if len(nd) > 1 else 0.0,
+                 "Recall@10": statistics.fmean(r["Recall@10"] for r in rs), "MRR": statistics.fmean(r["MRR"] for r in rs),
+                 "val NDCG@10": statistics.fmean(r["val NDCG@10"] for r in rs)}
+            stats[method] = s
+            summary.append(s)
+            lines.append(f"| {method} | {s['seeds']} | {s['converged']}/{s['seeds']} | {s['NDCG@10']:.5f} ± {s['NDCG@10 std']:.5f} | {s['Recall@10']:.5f} | {s['MRR']:.5f} | {s['val NDCG@10']:.5f} | "
+                         f"{statistics.fmean(r['best_step'] for r in rs):.0f} | {statistics.fmean(r['train_seconds'] for r in rs):.0f} |")
+        baselines = [m for m in stats if "target_only" in m]
+        metas = [m for m in stats if m.startswith("metarec")]
+        if baselines and metas:
+            best = max(baselines, key=lambda m: stats[m]["NDCG@10"])
+            lines += ["", f"Best target-only: **{best}** ({stats[best]['NDCG@10']:.5f}). Paired difference of test NDCG@10 over test users (per user averaged over the seeds both have), 95% bootstrap interval:", ""]
+            for m in metas + [x for x in stats if x == "joint"]:
+                seeds = sorted({r["seed"] for r in methods[m]} & {r["seed"] for r in methods[best]})
+                if not seeds:
+                    continue
+                a = np.mean([per_user(args.name, dataset, users, m, s) for s in seeds], axis=0)
+                b = np.mean([per_user(args.name, dataset, users, best, s) for s in seeds], axis=0)
+                mean, lo, hi = paired_bootstrap(a, b)
+                ratio = stats[m]["NDCG@10"] / stats[best]["NDCG@10"]
+                lines.append(f"- {m} − {best}: {mean:+.5f} [{lo:+.5f}, {hi:+.5f}] (ratio of means {ratio:.3f}; seeds {seeds})")
+                stats[m]["vs_best_target_only"] = {"baseline": best, "diff": mean, "ci95": [lo, hi], "ratio": ratio}
+        lines.append("")
+    notes_path = RESULTS / f"{args.name}_notes.md"
+    if notes_path.exists():
+        lines += [notes_path.read_text()]
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (RESULTS / f"{args.name}.meta.json").write_text(json.dumps({**meta, "summary": summary}, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    plot(args.name, summary, rows)
+    print("\n".join(lines))
+
+
+def per_user(name, dataset, users, method, seed) -> np.ndarray:
+    detail = json.loads(Path(detail_path(name, (dataset, users, method, seed))).read_text())
+    return np.asarray(detail["test_ndcg10_per_user"])
+
+
+def plot(name: str, summary: list[dict], rows: list[dict]) -> None:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    fig = Figure(figsize=(11, 4.2))
+    ax, ax2 = fig.subplots(1, 2)
+    for dataset in sorted({s["dataset"] for s in summary}):
+        for method in sorted({s["method"] for s in summary if s["dataset"] == dataset}):
+            pts = sorted((s["target_users"] or 10**6, s["NDCG@10"], s["NDCG@10 std"]) for s in summary if s["dataset"] == dataset and s["method"] == method)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=f"{method}" + ("" if dataset == "amazon-video-games" else f" ({dataset})"))
+    ax.set_xscale("log")
+    ax.set_xlabel("target users")
+    ax.set_ylabel("test NDCG@10 (mean ± std over seeds)")
+    ax.legend(fontsize=7)
+    # validation curves of seed 0 in the smallest group
+    small = min((r["target_users"] or 10**9 for r in rows), default=None)
+    for r in rows:
+        if (r["target_users"] or 10**9) == small and r["seed"] == 0:
+            d = json.loads(Path(detail_path(name, key_of(r))).read_text())
+            curve = d["val_curve"]
+            per = r["target_sequences_seen"] / max(r["steps"], 1)
+            ax2.plot([s * per for s, _ in curve], [v for _, v in curve], label=r["method"])
+    ax2.set_xlabel("target sequences seen")
+    ax2.set_ylabel("val NDCG@10")
+    ax2.set_title(f"validation curves, {small} target users, seed 0")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["run", "search", "report"])
+    ap.add_argument("--name", default="transfer_converge", help="results file stem in benchmarks/results")
+    ap.add_argument("--target", default="amazon-video-games")
+    ap.add_argument("--sources", nargs="+", default=DEFAULT_SOURCES)
+    ap.add_argument("--target-users", type=int, nargs="+", default=[1000], help="0 = all users")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--max-steps", type=int, default=3000)
+    ap.add_argument("--patience", type=int, default=8)
+    ap.add_argument("--eval-fraction", type=float, default=0.5, help="validate every this fraction of a target epoch")
+    ap.add_argument("--source-max-len", type=int, default=20)
+    ap.add_argument("--source-batch-size", type=int, default=64)
+    ap.add_argument("--source-negatives", type=int, default=1024)
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--method", default="lru_target_only", help="search: the method whose overrides are searched")
+    ap.add_argument("--space", default="target_only", choices=list(SPACES))
+    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--search-seed", type=int, default=0)
+    ap.add_argument("--tuned-as", default=None, help="search: name of the tuned method (default METHOD_tuned)")
+    ap.add_argument("--budget", default="CPU convergence protocol (see the script's docstring)")
+    args = ap.parse_args()
+    for m in args.methods:
+        if m not in METHODS and m not in load_tuned(args.name):
+            ap.error(f"unknown method {m!r}")
+    {"run": cmd_run, "search": cmd_search, "report": cmd_report}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
