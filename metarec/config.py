@@ -86,6 +86,10 @@ class MetaConfig(_Section):
     inner_lr: float = Field(1e-2, gt=0, description="inner learning rate alpha")
     first_order: bool = False
     source_params: Literal["persist_inner", "meta_only"] = "persist_inner"
+    persist_shared: float = Field(
+        0.0, ge=0, le=1,
+        description="fraction of the rescale-weighted inner-loop change the shared tensors keep after the outer step (0 = paper)",
+    )
     source_batch_size: int | None = Field(None, ge=1, description="default: train.batch_size")
 
 

@@ -177,6 +177,30 @@ def test_outer_sgd_step_is_eq8_with_clipping():
     assert 0 < float(torch.linalg.vector_norm(moved)) <= 1e-3 * (1 + 1e-5)
 
 
+def test_persist_shared_keeps_the_rescale_weighted_inner_change():
+    """θ^p ← SGD step − λ... + λ Σ_i w_i^p (φ_i^p − θ^p) for shared tensors; 0 = the paper's step."""
+    results_by_lambda = {}
+    for lam in (0.0, 0.5):
+        cfg = toy_config(meta={"source_params": "meta_only", "persist_shared": lam, "inner_lr": 0.5}, train={"grad_clip": None})
+        model, ctx = toy_setup(cfg)
+        params = dict(model.named_parameters())
+        results = LocalRunner(ctx).run_tasks(params, toy_sampler(ctx).sample(0))
+        grad, weights = combine([r.meta_grad for r in results], [r.sims for r in results], [r.touched for r in results], cfg.rescale.tau, True)
+        before = {n: p.detach().clone() for n, p in params.items()}
+        apply_meta_update(params, torch.optim.SGD(params.values(), lr=0.3), results, cfg, 0)
+        results_by_lambda[lam] = results
+        for name, p in params.items():
+            expected = before[name] - 0.3 * grad[name] if name in grad else before[name].clone()
+            if lam and not name.startswith(("items.a", "items.b", "bias.a", "bias.b")):
+                for pos, r in enumerate(results):
+                    if name in r.source_delta:
+                        expected = expected + lam * weights[name][pos] * r.source_delta[name]
+            assert torch.allclose(p.detach(), expected, atol=1e-6), (lam, name)
+    shared = {n for r in results_by_lambda[0.5] for n in r.source_delta} - {"items.a", "items.b", "bias.a", "bias.b"}
+    assert "encoder.mix.weight" in shared and "items.t" in shared  # the encoder and the VQ codebook moved in the inner loop
+    assert all(set(r.source_delta) == {f"items.{r.source}", f"bias.{r.source}"} for r in results_by_lambda[0.0])
+
+
 def test_task_weight_ignores_tensors_only_the_task_touched():
     weights = {"items.a": {0: 1.0}, "enc.w": {0: 0.2, 1: 0.8}, "enc.b": {0: 0.4, 1: 0.6}}
     assert task_weight(weights, 0, {"items.a", "enc.w", "enc.b"}) == pytest.approx(0.3)

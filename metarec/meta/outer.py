@@ -16,7 +16,7 @@ from torch import nn
 from metarec.config import Config
 from metarec.errors import NonFiniteError
 from metarec.meta.rescale import combine
-from metarec.meta.run_task import TaskResult, nonfinite_tensors
+from metarec.meta.run_task import TaskResult, nonfinite_tensors, source_only_names
 
 
 def _clip_check_step(params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, cfg: Config, iteration: int) -> float:
@@ -33,6 +33,35 @@ def _clip_check_step(params: dict[str, nn.Parameter], optimizer: torch.optim.Opt
     norm = torch.nn.utils.clip_grad_norm_(list(with_grad.values()), max_norm) if with_grad else torch.zeros(())
     optimizer.step()
     return float(norm)
+
+
+def _keep_inner_changes(
+    params: dict[str, nn.Parameter], results: list[TaskResult], weights: dict[str, dict[int, float]], cfg: Config
+) -> None:
+    """After the outer step, let tensors keep what the inner loops learned (in place).
+
+    Source-only tensors (`meta.source_params: persist_inner`) move by the mean, over the
+    tasks of their source, of φ_i − θ. Shared tensors (`meta.persist_shared` = λ > 0)
+    move by λ Σ_i w_i^p (φ_i^p − θ^p) with the rescaling weights w^p of the outer step,
+    so the similarity weights also decide how much of each source's own step θ keeps.
+    """
+    own_deltas: dict[str, list[torch.Tensor]] = defaultdict(list)
+    shared: dict[str, torch.Tensor] = {}
+    for pos, r in enumerate(results):
+        own = set(source_only_names(r.source))
+        for name, delta in r.source_delta.items():
+            if name in own:
+                own_deltas[name].append(delta)
+            elif cfg.meta.persist_shared > 0 and pos in weights.get(name, {}):
+                part = delta * (cfg.meta.persist_shared * weights[name][pos])
+                shared[name] = part if name not in shared else shared[name] + part
+    with torch.no_grad():
+        if cfg.meta.source_params == "persist_inner":
+            for name, parts in own_deltas.items():
+                mean = parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
+                params[name].add_(mean.to(device=params[name].device, dtype=params[name].dtype))
+        for name, delta in shared.items():
+            params[name].add_(delta.to(device=params[name].device, dtype=params[name].dtype))
 
 
 def task_weight(weights: dict[str, dict[int, float]], pos: int, touched: set[str]) -> float:
@@ -58,9 +87,8 @@ def apply_meta_update(
     .grad of p = Σ_i w_i^p g_i^p (rescale.enabled, τ = rescale.tau; else the uniform
     mean over the tasks that touched p); tensors without any meta gradient get
     .grad = None, so the optimizer leaves them alone. Then clip, finiteness check,
-    optimizer.step(). With `meta.source_params: persist_inner` each source-only tensor
-    then moves by the mean, over the tasks of its source, of its inner-loop change
-    φ_i − θ. Results are processed in task-index order, whatever order they came in.
+    optimizer.step(). Then `_keep_inner_changes` (source tables with
+    `meta.source_params: persist_inner`, shared tensors with `meta.persist_shared`). Results are processed in task-index order, whatever order they came in.
 
     Returns {"weights": {source: mean `task_weight` of its tasks}, "grad_norm",
     "source_loss", "vq_loss", "target_loss" (means over tasks), "task_seconds" (sum)}.
@@ -83,15 +111,7 @@ def apply_meta_update(
         p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
     grad_norm = _clip_check_step(params, optimizer, cfg, iteration)
 
-    if cfg.meta.source_params == "persist_inner":
-        deltas: dict[str, list[torch.Tensor]] = defaultdict(list)
-        for r in results:
-            for name, delta in r.source_delta.items():
-                deltas[name].append(delta)
-        with torch.no_grad():
-            for name, parts in deltas.items():
-                mean = parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
-                params[name].add_(mean.to(device=params[name].device, dtype=params[name].dtype))
+    _keep_inner_changes(params, results, weights, cfg)
 
     by_source: dict[str, list[float]] = defaultdict(list)
     for pos, r in enumerate(results):

@@ -53,7 +53,8 @@ class TaskResult:
     meta_grad: g_i = d L_target(φ_i)/dθ for the tensors where it is nonzero.
     sims: cos(g_i^p, u_i^p) for the touched tensors; touched: tensors where g_i^p or
     u_i^p is nonzero. source_delta: φ_i − θ of the source-only tensors
-    (`items.<source>`, `bias.<source>`). stats: source_loss (recommendation loss at θ),
+    (`items.<source>`, `bias.<source>`), and of the shared tensors the inner loop moved
+    when `meta.persist_shared` > 0. stats: source_loss (recommendation loss at θ),
     vq_loss (at θ), target_loss (at φ_i), seconds.
     """
 
@@ -81,6 +82,15 @@ def source_loss_options(cfg: Config) -> dict[str, Any]:
 def source_only_names(source: str) -> tuple[str, str]:
     """The tensors only source `source` uses (DESIGN §4, `meta.source_params`)."""
     return f"items.{source}", f"bias.{source}"
+
+
+def _kept_inner_changes(source: str, theta: dict, phi: dict, cfg: Config) -> list[str]:
+    """Tensors whose inner-loop change φ − θ the outer step may keep: the source's own
+    tables, plus every shared tensor the inner loop moved when `meta.persist_shared` > 0."""
+    own = list(source_only_names(source))
+    if cfg.meta.persist_shared <= 0:
+        return own
+    return own + sorted(n for n in theta if n not in own and phi[n] is not theta[n])
 
 
 def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -166,7 +176,7 @@ def run_task(params: dict[str, torch.Tensor], task: TaskSpec, ctx: TaskContext) 
         meta_grad={n: g.detach().cpu() for n, g in meta_grad.items() if g is not None and norms[n][0] != 0.0},
         sims=sims,
         touched=touched,
-        source_delta={n: (phi[n] - theta[n]).detach().cpu() for n in source_only_names(task.source)},
+        source_delta={n: (phi[n] - theta[n]).detach().cpu() for n in _kept_inner_changes(task.source, theta, phi, cfg)},
         stats={
             "source_loss": first_rec,
             "vq_loss": first_vq,
