@@ -87,7 +87,7 @@ def base_config(args, root: str, target: str, users: int | None, seed: int) -> d
         "name": "converge",
         "seed": seed,
         "data": {
-            "root": root, "target": target, "sources": [s for s in args.sources if s != target], "max_len": 50,
+            "root": root, "target": target, "sources": [s for s in args.sources if s != target], "max_len": args.max_len,
             "source_max_len": args.source_max_len, "target_users": users, "subsample_seed": 0, "subsample_items": "compact",
         },
         "model": {"backbone": "lru", "hidden": 64, "blocks": 2, "dropout": 0.2},
@@ -388,6 +388,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=3000)
     ap.add_argument("--patience", type=int, default=8)
     ap.add_argument("--eval-fraction", type=float, default=0.5, help="validate every this fraction of a target epoch")
+    ap.add_argument("--max-len", type=int, default=20, help="target window (the small targets' users rarely exceed it)")
     ap.add_argument("--source-max-len", type=int, default=20)
     ap.add_argument("--source-batch-size", type=int, default=64)
     ap.add_argument("--source-negatives", type=int, default=1024)
