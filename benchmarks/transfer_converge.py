@@ -16,6 +16,8 @@ small domain of its own would be. Seeds vary the initialisation, dropout and bat
     # runs (one JSON row per finished run, appended to benchmarks/results/NAME.jsonl;
     # finished runs are skipped, so an interrupted command just continues):
     python benchmarks/transfer_converge.py run --target-users 1000 3000 --seeds 0 1 2 --jobs 2
+    # ad-hoc variants: METHOD+key=value+...
+    python benchmarks/transfer_converge.py run --methods metarec+meta.persist_shared=1+meta.inner_lr=3
     # a random search on validation for one method (same budget for every method searched):
     python benchmarks/transfer_converge.py search --method lru_target_only --trials 8 --target-users 1000
     # the report (JSON + Markdown, paired bootstrap over test users, plot):
@@ -42,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from common import RESULTS, header, machine, prepare_shared_data
 
 DEFAULT_SOURCES = ["amazon-beauty", "amazon-sports", "yelp", "movielens-1m"]
@@ -102,7 +105,11 @@ def base_config(args, root: str, target: str, users: int | None, seed: int) -> d
 
 def method_config(args, root, target, users, seed, method, tuned) -> tuple[dict, dict]:
     """(raw config, its searched overrides) of `method`: a METHODS entry or a tuned one."""
-    base, over = (tuned[method]["base"], tuned[method]["overrides"]) if method in tuned else (method, {})
+    if method in tuned:
+        base, over = tuned[method]["base"], dict(tuned[method]["overrides"])
+    else:  # METHOD or METHOD+key=value+key=value (an ad-hoc variant)
+        base, *pairs = method.split("+")
+        over = {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs)}
     raw = merge(base_config(args, root, target, users, seed), METHODS[base])
     return merge(raw, dotted(over)), over
 
@@ -402,7 +409,7 @@ def main() -> None:
     ap.add_argument("--budget", default="CPU convergence protocol (see the script's docstring)")
     args = ap.parse_args()
     for m in args.methods:
-        if m not in METHODS and m not in load_tuned(args.name):
+        if m.split("+")[0] not in METHODS and m not in load_tuned(args.name):
             ap.error(f"unknown method {m!r}")
     {"run": cmd_run, "search": cmd_search, "report": cmd_report}[args.command](args)
 
