@@ -18,8 +18,7 @@ small domain of its own would be. Seeds vary the initialisation, dropout and bat
     python benchmarks/transfer_converge.py run --target-users 1000 3000 --seeds 0 1 2 --jobs 2
     # ad-hoc variants: METHOD+key=value+...
     python benchmarks/transfer_converge.py run --methods metarec+meta.persist_shared=1+meta.inner_lr=3
-    # a random search on validation for one method (same budget for every method searched):
-    python benchmarks/transfer_converge.py search --method lru_target_only --trials 8 --target-users 1000
+    # tuned methods (METHOD_tuned) come from `metarec tune` searches, see tune_converge.py
     # the report (JSON + Markdown, paired bootstrap over test users, plot):
     python benchmarks/transfer_converge.py report
 
@@ -32,9 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import os
-import random
 import statistics
 import sys
 import tempfile
@@ -105,11 +101,10 @@ def base_config(args, root: str, target: str, users: int | None, seed: int) -> d
 
 def method_config(args, root, target, users, seed, method, tuned) -> tuple[dict, dict]:
     """(raw config, its searched overrides) of `method`: a METHODS entry or a tuned one."""
-    if method in tuned:
-        base, over = tuned[method]["base"], dict(tuned[method]["overrides"])
-    else:  # METHOD or METHOD+key=value+key=value (an ad-hoc variant)
-        base, *pairs = method.split("+")
-        over = {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs)}
+    # METHOD or METHOD+key=value+key=value (an ad-hoc variant); METHOD may be a tuned one
+    name, *pairs = method.split("+")
+    base, over = (tuned[name]["base"], dict(tuned[name]["overrides"])) if name in tuned else (name, {})
+    over.update({k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs)})
     raw = merge(base_config(args, root, target, users, seed), METHODS[base])
     return merge(raw, dotted(over)), over
 
@@ -244,50 +239,6 @@ def cmd_run(args) -> None:
     run_jobs(args, jobs)
 
 
-# --------------------------------------------------------------- the search
-
-SPACES = {
-    "target_only": {"train.lr": ("log", 3e-4, 3e-3), "model.dropout": ("choice", [0.1, 0.2, 0.3, 0.5]),
-                    "train.weight_decay": ("choice", [0.0, 0.01, 0.1, 0.5]), "train.batch_size": ("choice", [32, 64, 128, 256])},
-}
-
-
-def sample(space: dict, rng: random.Random) -> dict:
-    out = {}
-    for key, spec in space.items():
-        if spec[0] == "log":
-            out[key] = float(f"{math.exp(rng.uniform(math.log(spec[1]), math.log(spec[2]))):.3g}")
-        else:
-            out[key] = rng.choice(spec[1])
-    return out
-
-
-def cmd_search(args) -> None:
-    """Random search on validation NDCG@10 (seed 0) for `--method`; the best overrides go to NAME_tuned.json."""
-    root = prepare_shared_data()
-    rng = random.Random(args.search_seed)
-    space = SPACES[args.space]
-    tuned_name = args.tuned_as or f"{args.method}_tuned"
-    trials = [{}] + [sample(space, rng) for _ in range(args.trials - 1)]  # trial 0: the default config
-    done = {key_of(r): r for r in load_rows(args.name)}
-    jobs, rows = [], []
-    for i, over in enumerate(trials):
-        label = f"{tuned_name}@trial{i}"
-        key = (args.target, args.target_users[0] or None, label, 0)
-        if key in done:
-            rows.append(done[key])
-            continue
-        raw = merge(base_config(args, root, args.target, args.target_users[0] or None, 0), METHODS[args.method])
-        jobs.append({"method": label, "seed": 0, "threads": args.threads, "eval_fraction": args.eval_fraction,
-                     "config": merge(raw, dotted(over)), "overrides": over, "detail_path": detail_path(args.name, key)})
-    rows += run_jobs(args, jobs)
-    best = max(rows, key=lambda r: r["val NDCG@10"])
-    tuned = load_tuned(args.name)
-    tuned[tuned_name] = {"base": args.method, "overrides": best["overrides"], "val NDCG@10": best["val NDCG@10"], "trials": len(rows)}
-    (RESULTS / f"{args.name}_tuned.json").write_text(json.dumps(tuned, indent=1) + "\n")
-    print(f"best of {len(rows)} trials for {tuned_name}: {best['overrides']} (val NDCG@10 {best['val NDCG@10']:.5f})", file=sys.stderr)
-
-
 # ---------------------------------------------------------------- the report
 
 
@@ -385,7 +336,7 @@ def plot(name: str, summary: list[dict], rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["run", "search", "report"])
+    ap.add_argument("command", choices=["run", "report"])
     ap.add_argument("--name", default="transfer_converge", help="results file stem in benchmarks/results")
     ap.add_argument("--target", default="amazon-video-games")
     ap.add_argument("--sources", nargs="+", default=DEFAULT_SOURCES)
@@ -401,17 +352,12 @@ def main() -> None:
     ap.add_argument("--source-negatives", type=int, default=1024)
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    ap.add_argument("--method", default="lru_target_only", help="search: the method whose overrides are searched")
-    ap.add_argument("--space", default="target_only", choices=list(SPACES))
-    ap.add_argument("--trials", type=int, default=8)
-    ap.add_argument("--search-seed", type=int, default=0)
-    ap.add_argument("--tuned-as", default=None, help="search: name of the tuned method (default METHOD_tuned)")
     ap.add_argument("--budget", default="CPU convergence protocol (see the script's docstring)")
     args = ap.parse_args()
     for m in args.methods:
-        if m.split("+")[0] not in METHODS and m not in load_tuned(args.name):
+        if m.split("+")[0] not in METHODS and m.split("+")[0] not in load_tuned(args.name):
             ap.error(f"unknown method {m!r}")
-    {"run": cmd_run, "search": cmd_search, "report": cmd_report}[args.command](args)
+    {"run": cmd_run, "report": cmd_report}[args.command](args)
 
 
 if __name__ == "__main__":
