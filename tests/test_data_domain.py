@@ -53,6 +53,34 @@ def test_subsample_users_is_seeded_and_keeps_order(tiny_domains):
     assert target.subsample_users(1000, seed=0).users == target.users
 
 
+def test_subsample_compact_items_renumbers_the_items_the_users_hold():
+    domain = hand_domain()
+    sub = domain.subsample_users(2, seed=1, compact_items=True)
+    kept = [domain.users.index(u) for u in sub.users]
+    held = sorted({int(i) for k in kept for i in domain.sequences[k]})
+    assert sub.n_items == len(held)
+    for s, k in zip(sub.sequences, kept):  # order-preserving renumbering 1..K'
+        assert s.tolist() == [held.index(int(i)) + 1 for i in domain.sequences[k]]
+    assert sorted({int(i) for s in sub.sequences for i in s}) == list(range(1, sub.n_items + 1))
+    assert sub.manifest["subsample"] == {"n_users": 2, "seed": 1, "compact_items": True}
+    whole = domain.subsample_users(10, seed=0, compact_items=True)  # all users, still compacted
+    assert whole.users == domain.users and whole.n_items == 9
+
+
+def test_subsample_seed_fixes_the_target_users_across_run_seeds(tiny_domains, tmp_path):
+    from metarec.config import config_from_dict
+    from metarec.train import build_problem
+
+    def users(seed, subsample_seed):
+        data = {"root": str(tiny_domains), "target": "target", "target_users": 12, "subsample_seed": subsample_seed, "subsample_items": "compact"}
+        problem = build_problem(config_from_dict({"seed": seed, "data": data, "train": {"device": "cpu"}}))
+        return problem.domains["target"].users, problem.model.items["target"].shape[0]
+
+    assert users(0, 5) == users(1, 5)
+    assert users(0, None)[0] != users(1, None)[0]  # default: the subsample follows the run seed
+    assert users(0, 5)[1] < 1 + Domain.load(tiny_domains, "target").n_items  # compacted table
+
+
 # ------------------------------------------------------------------ loading
 
 
