@@ -308,8 +308,8 @@ def plot(name: str, summary: list[dict], rows: list[dict]) -> None:
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return
-    fig = Figure(figsize=(11, 4.2))
-    ax, ax2 = fig.subplots(1, 2)
+    fig = Figure(figsize=(16, 4.4))
+    ax, ax2, ax3 = fig.subplots(1, 3)
     for dataset in sorted({s["dataset"] for s in summary}):
         for method in sorted({s["method"] for s in summary if s["dataset"] == dataset}):
             pts = sorted((s["target_users"] or 10**6, s["NDCG@10"], s["NDCG@10 std"]) for s in summary if s["dataset"] == dataset and s["method"] == method)
@@ -320,12 +320,21 @@ def plot(name: str, summary: list[dict], rows: list[dict]) -> None:
     ax.legend(fontsize=7)
     # validation curves of seed 0 in the smallest group
     small = min((r["target_users"] or 10**9 for r in rows), default=None)
+    metas = sorted({r["method"] for r in rows if r["method"].startswith("metarec")})
+    weights_of = "metarec_tuned" if "metarec_tuned" in metas else (metas[0] if metas else None)
     for r in rows:
         if (r["target_users"] or 10**9) == small and r["seed"] == 0:
             d = json.loads(Path(detail_path(name, key_of(r))).read_text())
             curve = d["val_curve"]
             per = r["target_sequences_seen"] / max(r["steps"], 1)
             ax2.plot([s * per for s, _ in curve], [v for _, v in curve], label=r["method"])
+        if (r["target_users"] or 10**9) == small and r["seed"] == 0 and r["method"] == weights_of:
+            for source in sorted({k for w in d["source_weights"] for k in w if k != "step"}):
+                ax3.plot([w["step"] for w in d["source_weights"]], [w.get(source) for w in d["source_weights"]], label=source)
+    ax3.set_xlabel("iteration")
+    ax3.set_ylabel("mean softmax weight of the source's tasks")
+    ax3.set_title(f"per-source weights over time, {weights_of}, seed 0")
+    ax3.legend(fontsize=7)
     ax2.set_xlabel("target sequences seen")
     ax2.set_ylabel("val NDCG@10")
     ax2.set_title(f"validation curves, {small} target users, seed 0")
@@ -344,8 +353,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--max-steps", type=int, default=3000)
-    ap.add_argument("--patience", type=int, default=8)
-    ap.add_argument("--eval-fraction", type=float, default=0.5, help="validate every this fraction of a target epoch")
+    ap.add_argument("--patience", type=int, default=10)
+    ap.add_argument("--eval-fraction", type=float, default=0.75, help="validate every this fraction of a target epoch")
     ap.add_argument("--max-len", type=int, default=20, help="target window (the small targets' users rarely exceed it)")
     ap.add_argument("--source-max-len", type=int, default=20)
     ap.add_argument("--source-batch-size", type=int, default=64)
