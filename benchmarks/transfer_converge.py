@@ -353,7 +353,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--max-steps", type=int, default=3000)
-    ap.add_argument("--patience", type=int, default=10)
+    ap.add_argument("--patience", type=int, default=20)
     ap.add_argument("--eval-fraction", type=float, default=0.75, help="validate every this fraction of a target epoch")
     ap.add_argument("--max-len", type=int, default=20, help="target window (the small targets' users rarely exceed it)")
     ap.add_argument("--source-max-len", type=int, default=20)
