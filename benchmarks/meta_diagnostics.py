@@ -4,7 +4,8 @@ the plain target gradient? (issue 11, point 4)
 For a MetaRec config, at θ after `--warmup` MetaRec iterations, over `--batches` draws of
 n tasks, per parameter group (`encoder`, `items.<target>`, `items.<source>`/`bias.<source>`):
 - ‖φ − θ‖ (the inner step, mean over tasks) and ‖Δθ‖ of one outer AdamW step,
-- cos(Σ_i w_i g_i, ∇_θ L_target(θ)) on the same target batches: 1.0 means the meta
+- cos(Σ_i w_i g_i, ∇_θ L_target(θ)) on the same target batches (dropout off by default,
+  so the cosine compares the same network): 1.0 means the meta
   gradient is just the target gradient and MetaRec reduces to target-only training with
   n target batches per step.
 
@@ -104,6 +105,7 @@ def main() -> None:
     ap.add_argument("--first-order", action="store_true")
     ap.add_argument("--warmup", type=int, nargs="+", default=[0, 30], help="MetaRec iterations before measuring")
     ap.add_argument("--batches", type=int, default=3)
+    ap.add_argument("--dropout", type=float, default=0.0, help="0: the two gradients see the same network (no dropout noise in the cosine)")
     ap.add_argument("--results-name", default="meta_diagnostics")
     args = ap.parse_args()
     root = prepare_shared_data()
@@ -113,6 +115,7 @@ def main() -> None:
             "name": "diag", "seed": 0,
             "data": {"root": root, "target": args.target, "sources": args.sources, "max_len": 50, "source_max_len": 20,
                      "target_users": args.target_users, "subsample_seed": 0, "subsample_items": "compact"},
+            "model": {"dropout": args.dropout},
             "train": {"max_steps": 10**6, "eval_every": 10**6, "source_negatives": 1024, "progress": False},
             "meta": {"inner_lr": alpha, "source_batch_size": 64, "first_order": args.first_order},
         }
@@ -127,7 +130,7 @@ def main() -> None:
                     row = {"inner_lr": alpha, "first_order": args.first_order, "iteration": done, "group": group, **{k: round(v, 6) for k, v in vals.items()}}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    meta = header("Meta diagnostics: inner-step size and meta gradient vs target gradient", f"{args.target} {args.target_users} users (compact), sources {args.sources}, window 20, batch 64, 1024 negatives, n=3")
+    meta = header("Meta diagnostics: inner-step size and meta gradient vs target gradient", f"{args.target} {args.target_users} users (compact), sources {args.sources}, window 20, batch 64, 1024 negatives, n=3, dropout {args.dropout}, {args.batches} task draws per point")
     write_results(args.results_name, meta, rows)
 
 
