@@ -89,10 +89,10 @@ def measure(trainer: Trainer, step: int, batches: int) -> dict[str, dict[str, fl
         for name, (dot, gg, tt, dd) in groups.items():
             s = sums[name]
             s["cos(meta_grad, target_grad)"] += (dot / max((gg * tt) ** 0.5, 1e-30)) / batches
-            s["|inner step|"] += inner[name] ** 0.5 / batches
-            s["|outer step|"] += dd**0.5 / batches
-            s["|meta_grad|"] += gg**0.5 / batches
-            s["|target_grad|"] += tt**0.5 / batches
+            s["‖inner step‖"] += inner[name] ** 0.5 / batches
+            s["‖outer step‖"] += dd**0.5 / batches
+            s["‖meta_grad‖"] += gg**0.5 / batches
+            s["‖target_grad‖"] += tt**0.5 / batches
     return {k: dict(v) for k, v in sums.items()}
 
 
