@@ -319,6 +319,8 @@ def plot(name: str, summary: list[dict], rows: list[dict]) -> None:
     ax.set_ylabel("test NDCG@10 (mean ± std over seeds)")
     ax.legend(fontsize=7)
     # validation curves of seed 0 in the smallest group
+    main = statistics.mode(r["dataset"] for r in rows) if rows else None
+    rows = [r for r in rows if r["dataset"] == main]
     small = min((r["target_users"] or 10**9 for r in rows), default=None)
     metas = sorted({r["method"] for r in rows if r["method"].startswith("metarec")})
     weights_of = "metarec_tuned" if "metarec_tuned" in metas else (metas[0] if metas else None)
@@ -333,11 +335,11 @@ def plot(name: str, summary: list[dict], rows: list[dict]) -> None:
                 ax3.plot([w["step"] for w in d["source_weights"]], [w.get(source) for w in d["source_weights"]], label=source)
     ax3.set_xlabel("iteration")
     ax3.set_ylabel("mean softmax weight of the source's tasks")
-    ax3.set_title(f"per-source weights over time, {weights_of}, seed 0")
+    ax3.set_title(f"per-source weights over time, {weights_of}, {main}, seed 0")
     ax3.legend(fontsize=7)
     ax2.set_xlabel("target sequences seen")
     ax2.set_ylabel("val NDCG@10")
-    ax2.set_title(f"validation curves, {small} target users, seed 0")
+    ax2.set_title(f"validation curves, {main}, {small} target users, seed 0")
     ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / f"{name}.png", dpi=110)
