@@ -26,16 +26,18 @@ from tqdm.auto import tqdm
 
 from metarec import fs
 from metarec.checkpoint import (
+    check_optimizer_state,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     restore_model,
     save_checkpoint,
+    step_checkpoints,
 )
 from metarec.config import Config, dump_config, load_run_config
 from metarec.data.batches import TrainWindows
 from metarec.data.domain import Domain, load_domains
-from metarec.errors import CheckpointError, NonFiniteError
+from metarec.errors import CheckpointError, NonFiniteError, quote
 from metarec.eval import evaluate
 from metarec.meta.joint import joint_loss
 from metarec.meta.outer import apply_meta_update
@@ -139,6 +141,17 @@ class RunState:
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def __post_init__(self) -> None:
+        """Refuse a state.json of the wrong shape (TypeError/ValueError name the field)."""
+        for name, kind in (("step", int), ("best_step", int), ("evals_since_best", int), ("evals", int),
+                           ("best_ndcg", (int, float)), ("train_seconds", (int, float)), ("eval_seconds", (int, float)),
+                           ("best_val", dict), ("history", list)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise TypeError(f"run.{name} is {quote(value, 40)}, expected {getattr(kind, '__name__', 'a number')}")
+        if self.step < 0 or len(self.history) != self.step or not all(isinstance(r, dict) for r in self.history):
+            raise ValueError(f"run.step {self.step} does not match the {len(self.history)} history rows")
+
 
 def _check_finite(model: torch.nn.Module, loss: torch.Tensor, step: int) -> None:
     if not torch.isfinite(loss):
@@ -234,19 +247,27 @@ class Trainer:
         save_checkpoint(f"{self.out}/checkpoints/{tag}", self.model, self.optimizer if with_optimizer else None, self._state_payload())
 
     def resume(self) -> bool:
-        ckpt = latest_checkpoint(f"{self.out}/checkpoints")
+        root = f"{self.out}/checkpoints"
+        ckpt = latest_checkpoint(root)
         if ckpt is None:
+            if step_checkpoints(root):
+                raise CheckpointError(f"{root}: every step checkpoint is torn or unreadable; nothing to resume from")
             return False
         restore_model(self.model, ckpt.params, self.out)
         if ckpt.optimizer is None:
             raise CheckpointError(f"{self.out}: step checkpoint has no optimizer state")
-        self.optimizer.load_state_dict(ckpt.optimizer)
+        check_optimizer_state(ckpt.optimizer, self.model, self.optimizer, root)
+        try:
+            run = RunState(**ckpt.state["run"])
+            self.optimizer.load_state_dict(ckpt.optimizer)
+            if self.sampler is not None:
+                self.sampler.load_state_dict(ckpt.state["sampler"])
+            self.target_rng.bit_generator.state = ckpt.state["target_rng"]
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise CheckpointError(f"{root}: corrupted run state in the newest step checkpoint ({type(err).__name__}: {quote(str(err))})") from None
         if ckpt.torch_rng is not None:
             torch.set_rng_state(ckpt.torch_rng)
-        if self.sampler is not None:
-            self.sampler.load_state_dict(ckpt.state["sampler"])
-        self.target_rng.bit_generator.state = ckpt.state["target_rng"]
-        self.state = RunState(**ckpt.state["run"])
+        self.state = run
         return True
 
     def _write_history(self) -> None:
@@ -328,9 +349,14 @@ def _weights_over_time(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"step": r["step"], **r["weights"]} for r in history if isinstance(r.get("weights"), dict)]
 
 
-def train(cfg: Config, out_dir: str, *, resume: bool = False, runner_factory=None, on_eval=None) -> dict[str, Any]:
-    """Train per `cfg` into `out_dir`; returns the metrics written to metrics.json."""
-    return Trainer(cfg, out_dir, runner_factory, on_eval).fit(resume=resume)
+def train(cfg: Config, out_dir: str, *, resume: bool = False, runner_factory=None, on_eval=None,
+          refuse_existing: bool = False) -> dict[str, Any]:
+    """Train per `cfg` into `out_dir` (locked, checked first: `metarec.run_dir`); returns the
+    metrics written to metrics.json. `refuse_existing`: refuse a directory holding a started run."""
+    from metarec.run_dir import open_run
+
+    with open_run(out_dir, cfg, resume=resume, refuse_existing=refuse_existing):
+        return Trainer(cfg, out_dir, runner_factory, on_eval).fit(resume=resume)
 
 
 def evaluate_run(run_dir: str) -> dict[str, float]:
