@@ -164,7 +164,7 @@ def recommend(run_dir, user, history, k):
 
     if (user is None) == (history is None):
         raise MetaRecError("give exactly one of --user ID or --history \"i1 i2 ...\"")
-    click.echo(json.dumps(top_k(run_dir, user=user, history=history.split() if history else None, k=k), indent=1))
+    click.echo(json.dumps(top_k(run_dir, user=user, history=history.split() if history is not None else None, k=k), indent=1))
 
 
 @cli.command()

@@ -37,7 +37,7 @@ from metarec.checkpoint import (
 from metarec.config import Config, dump_config, load_run_config
 from metarec.data.batches import TrainWindows
 from metarec.data.domain import Domain, load_domains
-from metarec.errors import CheckpointError, NonFiniteError, quote
+from metarec.errors import CheckpointError, ConfigError, DataError, NonFiniteError, quote
 from metarec.eval import evaluate
 from metarec.meta.joint import joint_loss
 from metarec.meta.outer import apply_meta_update
@@ -55,9 +55,16 @@ def _log(message: str) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`train.device` as a torch device; a CUDA device this machine does not have is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            have = f"only {count} CUDA device(s)" if count else "no CUDA device (torch.cuda.is_available() is False)"
+            raise ConfigError(f"train.device: {name!r} is not available: this machine has {have}; use 'auto' or 'cpu'")
+    return device
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -99,9 +106,20 @@ def build_problem(cfg: Config, device: torch.device | None = None) -> Problem:
     for name, dom in domains.items():
         max_len = cfg.data.max_len if name == cfg.data.target else (cfg.data.source_max_len or cfg.data.max_len)
         windows[name] = TrainWindows(dom.train_sequences(), max_len)
+    check_trainable(domains, windows, cfg.data.target)
     torch.manual_seed(cfg.seed)
     model = Recommender({n: d.n_items for n, d in domains.items()}, cfg.model).to(device)
     return Problem(cfg=cfg, domains=domains, windows=windows, model=model, device=device)
+
+
+def check_trainable(domains: dict[str, Domain], windows: dict[str, TrainWindows], target: str) -> None:
+    """Refuse, before any training, domains whose users are all too short to train or evaluate on."""
+    if not domains[target].eval_examples("val")[1].size:
+        raise DataError(f"target domain {target!r}: no user has the 3 items leave-one-out needs "
+                        "(training, validation, test), so there is nothing to validate or test on")
+    for name, w in windows.items():
+        if not len(w):
+            raise DataError(f"domain {name!r}: no training pair (every user's training part has fewer than 2 items)")
 
 
 def target_metrics(problem: Problem, split: str) -> dict[str, float]:
