@@ -276,6 +276,9 @@ class Trainer:
             raise CheckpointError(f"{self.out}: step checkpoint has no optimizer state")
         check_optimizer_state(ckpt.optimizer, self.model, self.optimizer, root)
         try:
+            missing = set(RunState.__dataclass_fields__) - set(ckpt.state["run"])
+            if missing:
+                raise KeyError(f"run state lacks {', '.join(sorted(missing))}")
             run = RunState(**ckpt.state["run"])
             self.optimizer.load_state_dict(ckpt.optimizer)
             if self.sampler is not None:
@@ -304,10 +307,13 @@ class Trainer:
         while self.state.step < cfg.train.max_steps:
             step = self.state.step
             t_step = time.perf_counter()
+            replaced = getattr(self.runner, "worker_replacements", 0)
             info = self.step(step)
             self.state.train_seconds += time.perf_counter() - t_step
             self.state.step = step + 1
             row = {"step": step + 1, **{k: v for k, v in info.items() if isinstance(v, (int, float, dict))}}
+            if getattr(self.runner, "worker_replacements", 0) > replaced:  # Ray workers lost this step
+                row["worker_replacements"] = self.runner.worker_replacements - replaced
             bar.update(1)
             bar.set_postfix(loss=f"{info.get('loss', info.get('target_loss', float('nan'))):.4f}", refresh=False)
             stop = False
@@ -356,6 +362,7 @@ class Trainer:
             "val": self.state.best_val,
             "test": test,
             "source_weights": _weights_over_time(self.state.history),
+            "worker_replacements": sum(r.get("worker_replacements", 0) for r in self.state.history),
         }
         fs.atomic_write_bytes(f"{self.out}/metrics.json", json.dumps(metrics, indent=1).encode())
         if self.runner is not None:
