@@ -18,7 +18,6 @@ from click.testing import CliRunner
 
 from metarec.cli import cli
 from metarec.errors import NonFiniteError
-from metarec.run_dir import RunLockedError, run_lock
 from metarec.train import Trainer
 
 MAX_STEPS = 8
@@ -142,6 +141,8 @@ def test_a_second_train_on_the_same_run_dir_refuses_at_once(tiny_domains, tmp_pa
 
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
+    from metarec.run_dir import RunLockedError, run_lock
+
     run = tmp_path / "run"
     run.mkdir()
     code = f"from metarec.run_dir import run_lock\nwith run_lock({str(run)!r}):\n    print('locked', flush=True)\n    input()"
