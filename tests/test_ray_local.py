@@ -71,7 +71,8 @@ def listening_sockets(pids) -> list[tuple[int, str, int, str]]:
     found = []
     for pid in pids:
         try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:60]
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            command = " ".join([os.path.basename(argv[0]), *argv[1:]])[:80]
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
                 if target.startswith("socket:[") and target[8:-1] in listening:
