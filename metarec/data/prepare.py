@@ -72,8 +72,8 @@ def encode_domain(table: SequenceTable) -> tuple[bytes, bytes]:
 
 
 def check_output_root(out_root: fs.Location) -> None:
-    """Refuse an output root that is a file (before any input is read)."""
-    if fs.exists(out_root) and not fs.isdir(out_root):
+    """Refuse a local output root that is a file (before any input is read)."""
+    if not fs.is_uri(out_root) and fs.exists(out_root) and not fs.isdir(out_root):
         raise DataError(f"--out {os.fspath(out_root)}: is a file, not a directory of prepared domains")
 
 
