@@ -25,7 +25,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from metarec import fs
-from metarec.errors import CheckpointError
+from metarec.errors import CheckpointError, quote
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
@@ -115,13 +115,38 @@ def load_checkpoint(uri: str) -> Checkpoint:
         tensors = st_load(fs.read_bytes(tensors_uri))
     except (ValueError, OSError, SafetensorError) as err:
         raise CheckpointError(f"{uri}: unreadable checkpoint: {err}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_uri}: expected a JSON object, got {type(state).__name__}")
     if not state.get("complete"):
         raise CheckpointError(f"{uri}: incomplete checkpoint (no 'complete' marker)")
     params = {k[len("param/") :]: v for k, v in tensors.items() if k.startswith("param/")}
     optim = None
     if "optimizer" in state:
-        optim = _optimizer_from_flat(tensors, state["optimizer"], state["optimizer_order"])
+        try:
+            optim = _optimizer_from_flat(tensors, state["optimizer"], state["optimizer_order"])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"{uri}: corrupted optimizer state ({type(err).__name__}: {quote(str(err))})") from None
     return Checkpoint(params=params, optimizer=optim, torch_rng=tensors.get("rng/torch"), state=state)
+
+
+def check_optimizer_state(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, where: str) -> None:
+    """Refuse saved optimizer state that does not fit `model` (detected now, not at the next step):
+    other parameter groups, or a per-parameter tensor whose shape is not its parameter's."""
+    groups = optimizer.param_groups
+    if len(saved["param_groups"]) != len(groups) or any(
+        len(s["params"]) != len(g["params"]) for s, g in zip(saved["param_groups"], groups)
+    ):
+        raise CheckpointError(f"{where}: optimizer state does not match the model's parameter groups")
+    params = [p for g in groups for p in g["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    for index, entry in saved["state"].items():
+        if not isinstance(index, int) or not 0 <= index < len(params):
+            raise CheckpointError(f"{where}: optimizer state for an unknown parameter {quote(index)}")
+        param = params[index]
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                raise CheckpointError(f"{where}: optimizer tensor {names.get(id(param), index)}/{key} has shape "
+                                      f"{tuple(value.shape)}, the parameter has {tuple(param.shape)}")
 
 
 def restore_model(model: torch.nn.Module, params: dict[str, torch.Tensor], where: str) -> None:

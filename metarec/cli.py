@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 
 import click
 
-from metarec.errors import MetaRecError
+from metarec.errors import MetaRecError, bounded, describe_os_error
 
 
 def _user_errors(fn):
@@ -18,7 +19,10 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MetaRecError as err:
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {bounded(str(err))}", err=True)
+            sys.exit(2)
+        except OSError as err:  # disk full, permission denied, a file where a directory belongs...
+            click.echo(f"error: {bounded(describe_os_error(err))}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -39,6 +43,7 @@ def main() -> None:
     written, which would turn a successful command into exit status 134.
     """
     code = 0
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))  # clean up Ray on kill too
     try:
         cli.main(standalone_mode=True)
     except SystemExit as exit_:
@@ -48,9 +53,21 @@ def main() -> None:
 
         traceback.print_exc()
         code = 1
+    _shutdown_ray()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _shutdown_ray() -> None:
+    """Stop the Ray processes this command started (os._exit would skip Ray's atexit hook
+    and leave its agents orphaned); a no-op when Ray was never used."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception as err:  # noqa: BLE001 - exiting anyway; say why Ray may linger
+            print(f"warning: ray.shutdown() failed: {err}", file=sys.stderr)
 
 
 @cli.command()
@@ -97,20 +114,16 @@ def _load(config_path, overrides):
 @_user_errors
 def train(config_path, overrides, out_dir, resume, use_ray, ray_address):
     """Train per CONFIG_PATH; writes config.yaml, history.jsonl, metrics.json, checkpoints/."""
-    from metarec import fs
-    from metarec.errors import ConfigError
     from metarec.train import train as run_training
 
     cfg = _load(config_path, overrides)
     out_dir = out_dir or f"runs/{cfg.name}"
-    if not resume and fs.exists(f"{out_dir}/config.yaml"):
-        raise ConfigError(f"{out_dir}: run directory already holds a run; pass --resume to continue it or --out for a new one")
     runner_factory = None
     if use_ray or ray_address:
         from metarec.runners.ray_runner import ray_runner_factory
 
         runner_factory = ray_runner_factory(address=ray_address)
-    metrics = run_training(cfg, out_dir, resume=resume, runner_factory=runner_factory)
+    metrics = run_training(cfg, out_dir, resume=resume, runner_factory=runner_factory, refuse_existing=True)
     click.echo(json.dumps({"run_dir": out_dir, "best_step": metrics["best_step"], "test": metrics["test"]}, indent=1))
 
 
@@ -146,12 +159,12 @@ def demo(out_dir, quick, seed):
 @_user_errors
 def recommend(run_dir, user, history, k):
     """Top-k items for a user or a history, from RUN_DIR's best checkpoint."""
-    from metarec.errors import MetaRecError
+    from metarec.errors import MetaRecError, bounded, describe_os_error
     from metarec.recommend import recommend as top_k
 
     if (user is None) == (history is None):
         raise MetaRecError("give exactly one of --user ID or --history \"i1 i2 ...\"")
-    click.echo(json.dumps(top_k(run_dir, user=user, history=history.split() if history else None, k=k), indent=1))
+    click.echo(json.dumps(top_k(run_dir, user=user, history=history.split() if history is not None else None, k=k), indent=1))
 
 
 @cli.command()

@@ -9,27 +9,32 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from metarec import fs
-from metarec.errors import CheckpointError, ConfigError
+from metarec.errors import CheckpointError, ConfigError, bounded, quote
+
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"  # a run or domain name: also a path component
+MAX_SEQ_LEN = 100_000  # beyond any sequence model's window; larger values only exhaust memory
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]{1,3})$"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
     root: str = Field(".cache/prepared", description="directory (or s3:// URI) holding prepared domains DIR/NAME")
-    target: str = Field(..., description="name of the target domain")
-    sources: list[str] = Field(default_factory=list, description="source domains; empty = target-only")
-    max_len: int = Field(50, ge=2, description="input window length (LRURec: 50, 200 for MovieLens)")
-    source_max_len: int | None = Field(None, ge=2, description="window length for source domains (default: max_len)")
+    target: str = Field(..., pattern=NAME_PATTERN, description="name of the target domain")
+    sources: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(default_factory=list, description="source domains; empty = target-only")
+    max_len: int = Field(50, ge=2, le=MAX_SEQ_LEN, description="input window length (LRURec: 50, 200 for MovieLens)")
+    source_max_len: int | None = Field(None, ge=2, le=MAX_SEQ_LEN, description="window length for source domains (default: max_len)")
     target_users: int | None = Field(None, ge=10, description="seeded subsample of target users (reduced protocol)")
-    subsample_seed: int | None = Field(None, ge=0, description="seed of the target_users subsample (default: seed)")
+    subsample_seed: int | None = Field(None, ge=0, le=2**32 - 1, description="seed of the target_users subsample (default: seed)")
     subsample_items: Literal["keep", "compact"] = Field(
         "keep", description="after target_users: keep every item ID, or compact to the items the subsample holds"
     )
@@ -47,25 +52,25 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     backbone: Literal["lru", "sasrec", "gru4rec"] = "lru"
-    hidden: int = Field(64, ge=2)
-    blocks: int = Field(2, ge=1)
+    hidden: int = Field(64, ge=2, le=65536)
+    blocks: int = Field(2, ge=1, le=1024)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    attn_heads: int = Field(2, ge=1, description="attention heads (sasrec only)")
+    attn_heads: int = Field(2, ge=1, le=65536, description="attention heads (sasrec only)")
 
 
 class TrainConfig(_Section):
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, le=10_000_000)
     lr: float = Field(1e-3, gt=0, description="outer learning rate beta (target-only/joint: the only lr)")
     weight_decay: float = Field(0.01, ge=0)
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     grad_clip: float | None = Field(5.0, gt=0)
-    max_steps: int = Field(2000, ge=1, description="optimizer steps (meta iterations for MetaRec)")
+    max_steps: int = Field(2000, ge=1, le=10**12, description="optimizer steps (meta iterations for MetaRec)")
     eval_every: int = Field(200, ge=1)
     patience: int = Field(10, ge=1, description="evaluations without improvement before early stop")
-    eval_batch_size: int = Field(256, ge=1)
+    eval_batch_size: int = Field(256, ge=1, le=10_000_000)
     eval_exclude_history: bool = True
     source_negatives: int = Field(0, ge=0, description="sampled-softmax negatives for source domains; 0 = full softmax")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto | cpu | cuda | cuda:N")
     checkpoint_every: int = Field(0, ge=0, description="write a resumable checkpoint every N steps (0 = only best)")
     keep_checkpoints: int = Field(2, ge=1)
     progress: bool = True
@@ -73,7 +78,7 @@ class TrainConfig(_Section):
 
 class VQConfig(_Section):
     enabled: bool = True
-    heads: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1, le=65536)
     source_output: Literal["quantized", "raw"] = "quantized"
     weight: float = Field(1.0, ge=0, description="coefficient of L_vq in the source loss")
     chunk_size: int = Field(4096, ge=1, description="rows per similarity chunk (memory O(chunk x K_t))")
@@ -81,8 +86,8 @@ class VQConfig(_Section):
 
 class MetaConfig(_Section):
     enabled: bool = True
-    tasks_per_iter: int = Field(3, ge=1, description="n: source tasks per meta iteration")
-    inner_steps: int = Field(1, ge=1)
+    tasks_per_iter: int = Field(3, ge=1, le=100_000, description="n: source tasks per meta iteration")
+    inner_steps: int = Field(1, ge=1, le=100_000)
     inner_lr: float = Field(1e-2, gt=0, description="inner learning rate alpha")
     first_order: bool = False
     source_params: Literal["persist_inner", "meta_only"] = "persist_inner"
@@ -90,7 +95,7 @@ class MetaConfig(_Section):
         0.0, ge=0, le=1,
         description="fraction of the rescale-weighted inner-loop change the shared tensors keep after the outer step (0 = paper)",
     )
-    source_batch_size: int | None = Field(None, ge=1, description="default: train.batch_size")
+    source_batch_size: int | None = Field(None, ge=1, le=10_000_000, description="default: train.batch_size")
 
 
 class RescaleConfig(_Section):
@@ -100,17 +105,17 @@ class RescaleConfig(_Section):
 
 
 class RayConfig(_Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(2, ge=1, le=100_000)
     gpus_per_worker: float = Field(0.0, ge=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     max_task_retries: int = Field(3, ge=0)
     fail_task_once: list[int] = Field(default_factory=list, description="fault injection: task indices whose worker dies once")
-    fail_iteration: int | None = Field(None, description="fault injection: iteration at which fail_task_once applies")
+    fail_iteration: int | None = Field(None, ge=0, description="fault injection: iteration at which fail_task_once applies")
 
 
 class Config(_Section):
-    name: str = "metarec"
-    seed: int = 0
+    name: str = Field("metarec", pattern=NAME_PATTERN, description="run name (default run directory runs/NAME)")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of every RNG of the run (numpy needs 0..2^32-1)")
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -172,13 +177,14 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
         if e["type"] == "extra_forbidden":
             hint = suggest_key(loc)
-            msg = f"{source}: unknown key '{loc}'" + (f" (did you mean '{hint}'?)" if hint else "")
+            msg = f"{source}: unknown key {quote(loc)}" + (f" (did you mean '{hint}'?)" if hint else "")
         elif e["type"] == "missing":
             msg = f"{source}: missing required key '{loc}'"
         else:
             where = f" '{loc}'" if loc else ""
             text = e["msg"].removeprefix("Value error, ")
-            msg = f"{source}: invalid value for{where}: {text}" if loc else f"{source}: {text}"
+            got = f" (got {quote(e['input'])})" if loc and not isinstance(e.get("input"), (dict, list)) else ""
+            msg = f"{source}: invalid value for{where}: {text}{got}" if loc else f"{source}: {text}"
         lines.append(msg)
     return "; ".join(lines)
 
@@ -186,12 +192,15 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'a.b=value' -> (['a', 'b'], yaml-parsed value)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+        raise ConfigError(f"--set {quote(text)}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"--set {text!r}: empty key")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else None
+        raise ConfigError(f"--set {quote(text)}: empty key")
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {quote(text)}: value is not valid YAML ({bounded(str(err), 200)})") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -203,7 +212,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: '{part}' is not a section")
+                raise ConfigError(f"--set {quote(text)}: {quote(part)} is not a section")
             node = child
         node[path[-1]] = value
     return raw
@@ -221,12 +230,18 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config, apply `--set` overrides, validate."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {err.start}: {err.reason})") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {bounded(str(err), 300)}") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})") from None
     raw = apply_overrides(raw, overrides)
     return config_from_dict(raw, str(path))
 
@@ -242,6 +257,8 @@ def load_run_config(run_dir: str) -> Config:
         raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml)")
     try:
         raw = yaml.safe_load(fs.read_text(uri))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{uri}: not a UTF-8 text file (byte {err.start}: {err.reason})") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{uri}: not valid YAML: {err}") from None
+        raise ConfigError(f"{uri}: not valid YAML: {bounded(str(err), 300)}") from None
     return config_from_dict(raw, uri)

@@ -19,3 +19,29 @@ class CheckpointError(MetaRecError):
 
 class NonFiniteError(MetaRecError):
     """A NaN/inf loss or gradient; the message names the tensor and the iteration."""
+
+
+QUOTE_LIMIT = 80
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """`repr(value)` cut to at most `limit` characters (ending in '…'), for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def bounded(message: str, limit: int = 1000) -> str:
+    """A whole error message cut to `limit` characters: no input can make an error line huge."""
+    message = " ".join(str(message).split("\n"))
+    return message if len(message) <= limit else message[: limit - 1] + "…"
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OSError: what went wrong and on which path (disk full said plainly)."""
+    import errno
+
+    where = " ".join(repr(str(f)) for f in (err.filename, err.filename2) if f)
+    if err.errno == errno.ENOSPC:
+        return f"disk full (no space left on device) while writing {where or 'output'}; nothing was half-written, free space and retry"
+    text = err.strerror or str(err) or type(err).__name__
+    return f"{where}: {text}" if where else text

@@ -24,7 +24,7 @@ from metarec.checkpoint import load_checkpoint, restore_model
 from metarec.config import Config, load_run_config
 from metarec.data.batches import left_pad
 from metarec.data.domain import Domain, load_item_map
-from metarec.errors import DataError, MetaRecError
+from metarec.errors import DataError, MetaRecError, NonFiniteError, quote
 from metarec.models.recommender import Recommender
 from metarec.objective import last_position_scores
 
@@ -39,6 +39,9 @@ def load_target_model(run_dir: str, cfg: Config, n_items: int) -> Recommender:
     model = Recommender({target: n_items}, cfg.model)
     wanted = dict(model.named_parameters()).keys()
     restore_model(model, {k: v for k, v in checkpoint.params.items() if k in wanted}, checkpoint_uri)
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise NonFiniteError(f"{checkpoint_uri}: non-finite weights in tensor {name!r}; the checkpoint cannot serve")
     return model.eval()
 
 
@@ -47,7 +50,7 @@ def user_sequence(domain: Domain, user: str) -> np.ndarray:
     try:
         row = domain.users.index(user)
     except ValueError:
-        raise DataError(f"user {user!r} is not in the target domain {domain.name!r}") from None
+        raise DataError(f"user {quote(user)} is not in the target domain {domain.name!r}") from None
     return domain.sequences[row]
 
 
@@ -82,6 +85,8 @@ def recommend(run_dir: str, *, user: str | None = None, history: list[str] | Non
     """
     if (user is None) == (history is None):
         raise MetaRecError("give exactly one of a user or a history of item keys")
+    if history is not None and not history:
+        raise MetaRecError('the history is empty: give item keys, oldest first, e.g. --history "i1 i2 i3"')
     if k < 1:
         raise MetaRecError(f"k must be >= 1, got {k}")
     run_dir = run_dir.rstrip("/")
@@ -99,7 +104,7 @@ def recommend(run_dir: str, *, user: str | None = None, history: list[str] | Non
     else:
         known, unknown = map_history(history, key_to_id)
         if not known:
-            raise MetaRecError(f"none of the history items is known to the target domain {target!r}: {history}")
+            raise MetaRecError(f"none of the history items is known to the target domain {target!r}: {quote(history)}")
         ids = np.asarray(known, dtype=np.int64)
         result = {"history": list(history)}
     model = load_target_model(run_dir, cfg, n_items=len(key_to_id))

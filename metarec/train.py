@@ -26,16 +26,18 @@ from tqdm.auto import tqdm
 
 from metarec import fs
 from metarec.checkpoint import (
+    check_optimizer_state,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     restore_model,
     save_checkpoint,
+    step_checkpoints,
 )
 from metarec.config import Config, dump_config, load_run_config
 from metarec.data.batches import TrainWindows
 from metarec.data.domain import Domain, load_domains
-from metarec.errors import CheckpointError, NonFiniteError
+from metarec.errors import CheckpointError, ConfigError, DataError, NonFiniteError, quote
 from metarec.eval import evaluate
 from metarec.meta.joint import joint_loss
 from metarec.meta.outer import apply_meta_update
@@ -53,9 +55,16 @@ def _log(message: str) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`train.device` as a torch device; a CUDA device this machine does not have is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            have = f"only {count} CUDA device(s)" if count else "no CUDA device (torch.cuda.is_available() is False)"
+            raise ConfigError(f"train.device: {name!r} is not available: this machine has {have}; use 'auto' or 'cpu'")
+    return device
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -100,9 +109,20 @@ def build_problem(cfg: Config, device: torch.device | None = None) -> Problem:
     for name, dom in domains.items():
         max_len = cfg.data.max_len if name == cfg.data.target else (cfg.data.source_max_len or cfg.data.max_len)
         windows[name] = TrainWindows(dom.train_sequences(), max_len)
+    check_trainable(domains, windows, cfg.data.target)
     torch.manual_seed(cfg.seed)
     model = Recommender({n: d.n_items for n, d in domains.items()}, cfg.model).to(device)
     return Problem(cfg=cfg, domains=domains, windows=windows, model=model, device=device)
+
+
+def check_trainable(domains: dict[str, Domain], windows: dict[str, TrainWindows], target: str) -> None:
+    """Refuse, before any training, domains whose users are all too short to train or evaluate on."""
+    if not domains[target].eval_examples("val")[1].size:
+        raise DataError(f"target domain {target!r}: no user has the 3 items leave-one-out needs "
+                        "(training, validation, test), so there is nothing to validate or test on")
+    for name, w in windows.items():
+        if not len(w):
+            raise DataError(f"domain {name!r}: no training pair (every user's training part has fewer than 2 items)")
 
 
 def target_metrics(problem: Problem, split: str) -> dict[str, float]:
@@ -141,6 +161,17 @@ class RunState:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def __post_init__(self) -> None:
+        """Refuse a state.json of the wrong shape (TypeError/ValueError name the field)."""
+        for name, kind in (("step", int), ("best_step", int), ("evals_since_best", int), ("evals", int),
+                           ("best_ndcg", (int, float)), ("train_seconds", (int, float)), ("eval_seconds", (int, float)),
+                           ("best_val", dict), ("history", list)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise TypeError(f"run.{name} is {quote(value, 40)}, expected {getattr(kind, '__name__', 'a number')}")
+        if self.step < 0 or len(self.history) != self.step or not all(isinstance(r, dict) for r in self.history):
+            raise ValueError(f"run.step {self.step} does not match the {len(self.history)} history rows")
 
 
 def _check_finite(model: torch.nn.Module, loss: torch.Tensor, step: int) -> None:
@@ -237,19 +268,30 @@ class Trainer:
         save_checkpoint(f"{self.out}/checkpoints/{tag}", self.model, self.optimizer if with_optimizer else None, self._state_payload())
 
     def resume(self) -> bool:
-        ckpt = latest_checkpoint(f"{self.out}/checkpoints")
+        root = f"{self.out}/checkpoints"
+        ckpt = latest_checkpoint(root)
         if ckpt is None:
+            if step_checkpoints(root):
+                raise CheckpointError(f"{root}: every step checkpoint is torn or unreadable; nothing to resume from")
             return False
         restore_model(self.model, ckpt.params, self.out)
         if ckpt.optimizer is None:
             raise CheckpointError(f"{self.out}: step checkpoint has no optimizer state")
-        self.optimizer.load_state_dict(ckpt.optimizer)
+        check_optimizer_state(ckpt.optimizer, self.model, self.optimizer, root)
+        try:
+            missing = set(RunState.__dataclass_fields__) - set(ckpt.state["run"])
+            if missing:
+                raise KeyError(f"run state lacks {', '.join(sorted(missing))}")
+            run = RunState(**ckpt.state["run"])
+            self.optimizer.load_state_dict(ckpt.optimizer)
+            if self.sampler is not None:
+                self.sampler.load_state_dict(ckpt.state["sampler"])
+            self.target_rng.bit_generator.state = ckpt.state["target_rng"]
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise CheckpointError(f"{root}: corrupted run state in the newest step checkpoint ({type(err).__name__}: {quote(str(err))})") from None
         if ckpt.torch_rng is not None:
             torch.set_rng_state(ckpt.torch_rng)
-        if self.sampler is not None:
-            self.sampler.load_state_dict(ckpt.state["sampler"])
-        self.target_rng.bit_generator.state = ckpt.state["target_rng"]
-        self.state = RunState(**ckpt.state["run"])
+        self.state = run
         return True
 
     def _write_history(self) -> None:
@@ -268,10 +310,13 @@ class Trainer:
         while self.state.step < cfg.train.max_steps:
             step = self.state.step
             t_step = time.perf_counter()
+            replaced = getattr(self.runner, "worker_replacements", 0)
             info = self.step(step)
             self.state.train_seconds += time.perf_counter() - t_step
             self.state.step = step + 1
             row = {"step": step + 1, **{k: v for k, v in info.items() if isinstance(v, (int, float, dict))}}
+            if getattr(self.runner, "worker_replacements", 0) > replaced:  # Ray workers lost this step
+                row["worker_replacements"] = self.runner.worker_replacements - replaced
             bar.update(1)
             bar.set_postfix(loss=f"{info.get('loss', info.get('target_loss', float('nan'))):.4f}", refresh=False)
             stop = False
@@ -320,6 +365,7 @@ class Trainer:
             "val": self.state.best_val,
             "test": test,
             "source_weights": _weights_over_time(self.state.history),
+            "worker_replacements": sum(r.get("worker_replacements", 0) for r in self.state.history),
         }
         fs.atomic_write_bytes(f"{self.out}/metrics.json", json.dumps(metrics, indent=1).encode())
         if self.runner is not None:
@@ -331,9 +377,14 @@ def _weights_over_time(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"step": r["step"], **r["weights"]} for r in history if isinstance(r.get("weights"), dict)]
 
 
-def train(cfg: Config, out_dir: str, *, resume: bool = False, runner_factory=None, on_eval=None) -> dict[str, Any]:
-    """Train per `cfg` into `out_dir`; returns the metrics written to metrics.json."""
-    return Trainer(cfg, out_dir, runner_factory, on_eval).fit(resume=resume)
+def train(cfg: Config, out_dir: str, *, resume: bool = False, runner_factory=None, on_eval=None,
+          refuse_existing: bool = False) -> dict[str, Any]:
+    """Train per `cfg` into `out_dir` (locked, checked first: `metarec.run_dir`); returns the
+    metrics written to metrics.json. `refuse_existing`: refuse a directory holding a started run."""
+    from metarec.run_dir import open_run
+
+    with open_run(out_dir, cfg, resume=resume, refuse_existing=refuse_existing):
+        return Trainer(cfg, out_dir, runner_factory, on_eval).fit(resume=resume)
 
 
 def evaluate_run(run_dir: str) -> dict[str, float]:

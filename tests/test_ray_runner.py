@@ -5,7 +5,9 @@ One private Ray instance (2 CPUs, token auth on, temp HOME) serves the whole mod
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -219,3 +221,16 @@ def test_worker_config_makes_a_local_data_root_absolute(root, monkeypatch):
     cfg = tiny_config(Path(root).name)
     assert worker_config(cfg)["data"]["root"] == str(Path(root).resolve())
     assert worker_config(tiny_config("s3://bucket/prepared"))["data"]["root"] == "s3://bucket/prepared"
+
+
+def test_a_replaced_worker_is_logged_and_counted_in_history(ray_home, root, tmp_path, capfd):
+    cfg = tiny_config(root, fail_iteration=1, fail_task_once=[1])
+    cfg.train.max_steps, cfg.train.eval_every = ITERATIONS, ITERATIONS
+    metrics = Trainer(cfg, str(tmp_path / "run"), ray_factory).fit()
+    err = capfd.readouterr().err
+    replaced = [line for line in err.splitlines() if line.startswith("replaced Ray worker")]
+    assert len(replaced) == 1, err[-2000:]
+    assert re.match(r"replaced Ray worker in slot [01] \(iteration 1, task 1, source '.+'\): \w+", replaced[0])
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [r.get("worker_replacements", 0) for r in history] == [0, 1, 0]
+    assert metrics["worker_replacements"] == 1

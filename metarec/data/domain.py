@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from metarec import fs
 from metarec.data.prepare import DATA_FILE, FORMAT_VERSION, ITEMS_FILE, MANIFEST_FILE, sha256_hex
-from metarec.errors import DataError
+from metarec.errors import DataError, quote
 
 MIN_EVAL_LEN = 3
 
@@ -54,14 +54,20 @@ class Domain:
             raise DataError(f"{manifest_path}: not valid JSON ({err})") from None
         if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
             version = manifest.get("format_version") if isinstance(manifest, dict) else None
-            raise DataError(f"{manifest_path}: format_version {version!r} is not {FORMAT_VERSION}; prepare the domain again")
+            raise DataError(f"{manifest_path}: format_version {quote(version)} is not {FORMAT_VERSION}; prepare the domain again")
+        check_manifest(manifest, manifest_path)
         data_path = fs.join(where, DATA_FILE)
         if not fs.exists(data_path):
             raise DataError(f"{data_path}: missing (the domain directory is incomplete; prepare it again)")
         data = fs.read_bytes(data_path)
         if sha256_hex(data) != manifest.get("sha256"):
             raise DataError(f"{data_path}: sha256 does not match {manifest_path} (file modified or corrupted); prepare it again")
-        table = pq.read_table(pa.BufferReader(data), columns=["user", "items"])
+        try:
+            table = pq.read_table(pa.BufferReader(data), columns=["user", "items"])
+        except (pa.ArrowException, ValueError) as err:
+            raise DataError(f"{data_path}: not a prepared data file ({quote(str(err))})") from None
+        if table.num_rows != manifest["n_users"]:
+            raise DataError(f"{data_path}: holds {table.num_rows} users, {manifest_path} says n_users={manifest['n_users']}")
         items = table.column("items").combine_chunks()
         offsets = items.offsets.to_numpy()
         values = items.values.to_numpy().astype(np.int32, copy=False)
@@ -119,8 +125,33 @@ def load_item_map(root: fs.Location, name: str) -> dict[str, int]:
     path = fs.join(root, name, ITEMS_FILE)
     if not fs.exists(path):
         raise DataError(f"{path}: missing; prepare the domain {name!r} again")
-    table = pq.read_table(pa.BufferReader(fs.read_bytes(path)))
+    data = fs.read_bytes(path)
+    manifest_path = fs.join(root, name, MANIFEST_FILE)
+    try:
+        expected = json.loads(fs.read_text(manifest_path)).get("items_sha256")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        expected = None
+    if expected is not None and sha256_hex(data) != expected:
+        raise DataError(f"{path}: sha256 does not match {manifest_path} (file modified or corrupted); prepare it again")
+    try:
+        table = pq.read_table(pa.BufferReader(data), columns=["key", "id"])
+    except (pa.ArrowException, ValueError) as err:
+        raise DataError(f"{path}: not a prepared item map ({quote(str(err))})") from None
     return dict(zip(table.column("key").to_pylist(), table.column("id").to_pylist()))
+
+
+_MANIFEST_COUNTS = {"n_users": 0, "n_items": 1, "n_interactions": 0}
+
+
+def check_manifest(manifest: dict, where: str) -> None:
+    """Refuse a manifest with missing or ill-typed fields (a tampered or foreign file)."""
+    for key, least in _MANIFEST_COUNTS.items():
+        value = manifest.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise DataError(f"{where}: {key} is {quote(value)}, expected an integer >= {least}; prepare the domain again")
+    for key in ("sha256", "name"):
+        if not isinstance(manifest.get(key), str):
+            raise DataError(f"{where}: {key} is {quote(manifest.get(key))}, expected a string; prepare the domain again")
 
 
 def load_domains(root: fs.Location, names: list[str]) -> dict[str, Domain]:

@@ -32,7 +32,7 @@ from metarec.data.readers import (
     read_interactions,
     read_sequences,
 )
-from metarec.errors import DataError
+from metarec.errors import DataError, quote
 
 FORMAT_VERSION = 1
 DATA_FILE = "data.parquet"
@@ -47,8 +47,8 @@ def sha256_hex(data: bytes) -> str:
 
 
 def check_domain_name(name: str) -> None:
-    if not _NAME.match(name or ""):
-        raise DataError(f"invalid domain name {name!r}: use letters, digits, '.', '_' or '-' (not starting with '.', '_' or '-')")
+    if not _NAME.match(name or "") or len(name) > 200:
+        raise DataError(f"invalid domain name {quote(name)}: use letters, digits, '.', '_' or '-' (not starting with '.', '_' or '-')")
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -69,6 +69,12 @@ def encode_domain(table: SequenceTable) -> tuple[bytes, bytes]:
     items = pa.table({"key": pa.array(table.item_keys, pa.string()),
                       "id": pa.array(range(1, table.n_items + 1), pa.int32())})
     return _parquet_bytes(pa.table(columns)), _parquet_bytes(items)
+
+
+def check_output_root(out_root: fs.Location) -> None:
+    """Refuse a local output root that is a file (before any input is read)."""
+    if not fs.is_uri(out_root) and fs.exists(out_root) and not fs.isdir(out_root):
+        raise DataError(f"--out {os.fspath(out_root)}: is a file, not a directory of prepared domains")
 
 
 def read_manifest(domain_dir: str) -> dict | None:
@@ -95,6 +101,7 @@ def write_domain(
 ) -> str:
     """Write `out_root/name/` atomically; return its location. Same domain there already: no-op."""
     check_domain_name(name)
+    check_output_root(out_root)
     data_bytes, items_bytes = encode_domain(table)
     manifest = {
         "name": name,
@@ -145,6 +152,7 @@ def prepare_domain(
     """Read `input_uri` (`fmt` = 'sequences' or 'interactions') and write the prepared domain
     `out_root/name/`; return its location. See the module docstring for the layout."""
     check_domain_name(name)
+    check_output_root(out_root)
     if fmt not in FORMATS:
         raise DataError(f"{os.fspath(input_uri)}: unknown input format {fmt!r} (expected one of {', '.join(FORMATS)})")
     source = os.fspath(input_uri)

@@ -12,11 +12,11 @@ what is wrong.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
 import sys
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +28,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from metarec import fs
-from metarec.errors import DataError
+from metarec.errors import DataError, quote
 
+MAX_INPUT_ENV = "METAREC_MAX_INPUT_BYTES"
 PROGRESS_MIN_BYTES = 16 << 20
 _CHUNK_BYTES = 4 << 20
 _MAX_ID_DIGITS = 18  # fits int64
@@ -92,8 +93,14 @@ def read_input(location: fs.Location, progress: bool | None = None, decompress: 
     `progress=None` shows a byte progress bar for inputs over 16 MiB when stderr is a tty.
     """
     name = os.fspath(location)
+    if fs.isdir(location):
+        raise DataError(f"{name}: is a directory, not an input file")
     try:
         total = fs.size(location)
+        limit = max_input_bytes()
+        if total > limit:
+            raise DataError(f"{name}: input is {total} bytes, over the {limit}-byte cap "
+                            f"(set {MAX_INPUT_ENV} to raise it)")
         if progress is None:
             progress = total >= PROGRESS_MIN_BYTES and sys.stderr.isatty()
         chunks = []
@@ -111,14 +118,55 @@ def read_input(location: fs.Location, progress: bool | None = None, decompress: 
     return gunzip_input(name, data) if decompress else data
 
 
-def gunzip_input(name: str, data: bytes) -> bytes:
-    """`data` gunzipped if `name` ends in `.gz`, else unchanged."""
+def max_input_bytes() -> int:
+    """Cap on the (decompressed) size of an input file: `$METAREC_MAX_INPUT_BYTES`, else half
+    of this machine's memory (the whole input is held in memory while it is parsed)."""
+    env = os.environ.get(MAX_INPUT_ENV)
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise DataError(f"{MAX_INPUT_ENV}={quote(env)}: expected a positive number of bytes")
+        return value
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
+
+
+def gunzip_input(name: str, data: bytes, limit: int | None = None) -> bytes:
+    """`data` gunzipped if `name` ends in `.gz`, else unchanged.
+
+    Decompression stops with a DataError as soon as the output passes `limit` bytes
+    (default `max_input_bytes()`), so a small file that inflates to gigabytes costs
+    no more than the cap.
+    """
     if not name.endswith(".gz"):
         return data
+    limit = max_input_bytes() if limit is None else limit
+    out: list[bytes] = []
+    total = 0
+    rest = data
     try:
-        return gzip.decompress(data)
-    except (OSError, EOFError) as err:
+        while rest:  # one gzip member per pass (concatenated members are valid gzip)
+            inflate = zlib.decompressobj(wbits=31)
+            pending = rest
+            while pending and not inflate.eof:
+                chunk = inflate.decompress(pending, min(limit - total + 1, _CHUNK_BYTES * 16))
+                total += len(chunk)
+                if total > limit:
+                    raise DataError(f"{name}: decompresses to more than {limit} bytes, the input cap "
+                                    f"(set {MAX_INPUT_ENV} to raise it)")
+                out.append(chunk)
+                pending = inflate.unconsumed_tail
+            if not inflate.eof:
+                raise DataError(f"{name}: not a valid gzip file (truncated: the compressed stream ends early)")
+            rest = inflate.unused_data.lstrip(b"\0")  # trailing zero padding, as gzip allows
+    except zlib.error as err:
         raise DataError(f"{name}: not a valid gzip file ({err})") from None
+    return b"".join(out)
 
 
 def _first_appearance_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +211,7 @@ def read_sequences(location: fs.Location, data: bytes | None = None, progress: b
     if bad:
         token = _token_at(data, _token_start(data, bad.start()))
         kind = "non-positive" if token.startswith("-") and token[1:].isdigit() else "non-integer"
-        raise DataError(f"{name}: line {_line_of(data, bad.start())}: {kind} ID {token!r} (IDs must be positive integers)")
+        raise DataError(f"{name}: line {_line_of(data, bad.start())}: {kind} ID {quote(token)} (IDs must be positive integers)")
     buf = np.frombuffer(data, dtype=np.uint8)
     is_space = np.zeros(256, dtype=bool)
     is_space[list(_WHITESPACE)] = True
@@ -177,14 +225,14 @@ def read_sequences(location: fs.Location, data: bytes | None = None, progress: b
     too_long = np.flatnonzero(ends - starts > _MAX_ID_DIGITS)
     if too_long.size:
         at = int(starts[too_long[0]])
-        raise DataError(f"{name}: line {_line_of(data, at)}: ID {_token_at(data, at)[:40]!r} is too large")
+        raise DataError(f"{name}: line {_line_of(data, at)}: ID {quote(_token_at(data, at), 40)} is too large")
     newlines = np.flatnonzero(buf == ord("\n"))
     line = np.searchsorted(newlines, starts)  # 0-based line of every token
     values = np.array(data.split(), dtype=np.bytes_).astype(np.int64)
     zero = np.flatnonzero(values == 0)
     if zero.size:
         at = int(starts[zero[0]])
-        raise DataError(f"{name}: line {_line_of(data, at)}: non-positive ID {_token_at(data, at)!r} (IDs must be positive integers)")
+        raise DataError(f"{name}: line {_line_of(data, at)}: non-positive ID {quote(_token_at(data, at))} (IDs must be positive integers)")
     is_user = np.concatenate(([True], line[1:] != line[:-1]))
     user_pos = np.flatnonzero(is_user)
     n_tokens = np.diff(np.append(user_pos, values.size))
@@ -221,7 +269,7 @@ def table_kind(location: fs.Location) -> str:
 def _check_columns(name: str, available: list[str], wanted: list[str]) -> None:
     for col in wanted:
         if col not in available:
-            raise DataError(f"{name}: no column {col!r} (available: {', '.join(available) or 'none'})")
+            raise DataError(f"{name}: no column {quote(col)} (available: {_cut(', '.join(available) or 'none', 200)})")
 
 
 def _locate_bad_json(name: str, data: bytes) -> None:
@@ -260,7 +308,7 @@ def _parse_table(name: str, kind: str, data: bytes, wanted: list[str]) -> pa.Tab
         _check_columns(name, table.column_names, wanted)
         return table.select(wanted)
     except pa.ArrowInvalid as err:
-        raise DataError(f"{name}: cannot parse as {kind}: {err}") from None
+        raise DataError(f"{name}: cannot parse as {kind}: {_cut(str(err))}") from None
 
 
 def _key_array(name: str, table: pa.Table, col: str) -> pa.Array:
@@ -288,11 +336,13 @@ def _numeric_column(name: str, table: pa.Table, col: str, what: str) -> np.ndarr
     try:
         if pa.types.is_string(kind) or pa.types.is_large_string(kind):
             try:
-                column = pc.cast(column, pa.float64() if what == "rating" else pa.int64())
+                column = _parse_numbers(column, what)
             except pa.ArrowInvalid:
-                if what == "rating":
-                    raise
-                column = pc.cast(pc.cast(column, pa.timestamp("s")), pa.int64())
+                row = _first_unparsable(column, what)
+                value = column[row].as_py()
+                expected = "a number" if what == "rating" else "a number or an ISO-8601 time"
+                raise DataError(f"{name}: row {row + 1}: {what} {quote(value)} in column {quote(col)} "
+                                f"is not {expected}") from None
         elif pa.types.is_temporal(kind):
             column = pc.cast(column, pa.int64())
         elif not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
@@ -300,6 +350,35 @@ def _numeric_column(name: str, table: pa.Table, col: str, what: str) -> np.ndarr
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
         raise DataError(f"{name}: {what} column {col!r} is not numeric ({err})") from None
     return column.to_numpy(zero_copy_only=False)
+
+
+def _parse_numbers(column: pa.Array, what: str) -> pa.Array:
+    """Strings as float64 (ratings) or int64 (timestamps: integers or ISO-8601 times, in seconds)."""
+    if what == "rating":
+        return pc.cast(column, pa.float64())
+    try:
+        return pc.cast(column, pa.int64())
+    except pa.ArrowInvalid:
+        return pc.cast(pc.cast(column, pa.timestamp("s")), pa.int64())
+
+
+def _first_unparsable(column: pa.Array, what: str) -> int:
+    """Index of the first value `_parse_numbers` rejects (bisection: O(log n) casts, no Python loop)."""
+    lo, hi = 0, len(column)  # invariant: the first bad value is in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            _parse_numbers(column.slice(lo, mid - lo), what)
+            lo = mid
+        except pa.ArrowInvalid:
+            hi = mid
+    return lo
+
+
+def _cut(text: str, limit: int = 300) -> str:
+    """An Arrow error (which may quote a whole row) cut to `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def read_interactions(

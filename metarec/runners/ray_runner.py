@@ -35,8 +35,10 @@ the cluster.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import sys
 import time
 from collections import deque
 from typing import Any
@@ -138,11 +140,13 @@ class RayRunner:
             self.close()
             raise WorkerFailedError(f"a Ray worker died while starting: {_first_line(err)}") from None
 
-    def _replace(self, slot: int) -> None:
-        """Kill the worker in `slot` (if it still lives) and start a fresh one there."""
+    def _replace(self, slot: int, spec: TaskSpec, why: str) -> None:
+        """Kill the worker in `slot` (if it still lives) and start a fresh one there; say so in one line."""
         ray.kill(self.workers[slot], no_restart=True)
         self.workers[slot] = self._spawn()
         self.worker_replacements += 1
+        print(f"replaced Ray worker in slot {slot} (iteration {spec.iteration}, task {spec.index}, "
+              f"source {spec.source!r}): {why}", file=sys.stderr, flush=True)
 
     def _should_die(self, spec: TaskSpec) -> bool:
         r = self.cfg.ray
@@ -172,8 +176,9 @@ class RayRunner:
             if not done:  # the oldest task ran past task_timeout_s: treat its worker as lost
                 ref = min(in_flight, key=lambda k: in_flight[k][2])
                 slot, spec, _ = in_flight.pop(ref)
-                self._retry(spec, attempts, f"no result within task_timeout_s={self.task_timeout_s:g} s")
-                self._replace(slot)
+                why = f"no result within task_timeout_s={self.task_timeout_s:g} s"
+                self._retry(spec, attempts, why)
+                self._replace(slot, spec, why)
                 pending.appendleft(spec)
                 free.append(slot)
                 continue
@@ -182,8 +187,9 @@ class RayRunner:
             try:
                 result = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as err:
-                self._retry(spec, attempts, f"{type(err).__name__}: {_first_line(err)}")
-                self._replace(slot)
+                why = f"{type(err).__name__}: {_first_line(err)}"
+                self._retry(spec, attempts, why)
+                self._replace(slot, spec, why)
                 pending.appendleft(spec)  # re-run from its spec: same seed, same result
                 free.append(slot)
                 continue
@@ -282,7 +288,33 @@ def connect(address: str | None) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     enable_local_token_auth()
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+    with _loopback_node_ip():
+        ray.init(address="local", include_dashboard=False, dashboard_host=LOOPBACK,
+                 _node_ip_address=LOOPBACK, log_to_driver=True)
+
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def _loopback_node_ip():
+    """Make Ray keep 127.0.0.1 as the node IP of a private local instance.
+
+    `ray.init(_node_ip_address="127.0.0.1")` alone is not enough on Linux: Ray replaces a
+    loopback address by the machine's outward IP (`resolve_ip_for_localhost`), registers the
+    node there, and its agents listen on it, while GCS, raylet and workers listen on all
+    interfaces. With Ray's single-machine mode (`ENABLE_RAY_CLUSTER` off, what Ray does on
+    macOS/Windows) the node IP stays 127.0.0.1 and every server binds to it. Only this
+    process's `ray.init` sees the switch; the environment (and so `ray start`) is untouched.
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def ray_runner_factory(address: str | None = None):
