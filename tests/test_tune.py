@@ -133,13 +133,29 @@ def _result_steps(trial_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().split("\n")[:-1]] if path.exists() else []
 
 
+def _val_steps(run_dir: Path) -> list[int]:
+    """Validation steps of a trial's run, from its history.jsonl (final once metrics.json exists)."""
+    path = run_dir / "history.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r["step"] for r in rows if "val" in r]
+
+
 def _finished_trials(experiment: Path) -> dict[str, tuple[list[int], int]]:
-    """Trials that wrote metrics.json: their reported steps and metrics.json's mtime."""
-    return {
-        d.name: (_result_steps(d), (d / "run" / "metrics.json").stat().st_mtime_ns)
-        for d in experiment.iterdir()
-        if (d / "run" / "metrics.json").exists()
-    }
+    """Trials that wrote metrics.json *and* whose every report Tune has logged: their
+    reported steps and metrics.json's mtime.
+
+    A trial writes metrics.json right after its last report, while the driver may not
+    have logged that report yet; such a trial is not finished for the test until it has.
+    """
+    finished = {}
+    for d in experiment.iterdir():
+        metrics = d / "run" / "metrics.json"
+        if not metrics.exists():
+            continue
+        steps = _result_steps(d)
+        if steps and set(steps) >= set(_val_steps(d / "run")):
+            finished[d.name] = (steps, metrics.stat().st_mtime_ns)
+    return finished
 
 
 def _running_trials(experiment: Path, finished: dict) -> list[str]:
@@ -152,10 +168,11 @@ def sweep(files) -> dict:
     experiment = Path(files["store"]) / "s"
     cmd = [*METAREC, "tune", files["space"], "--storage-path", files["store"], "--name", "s"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # Wait until a trial has finished and the next one has reported. Trials run one at a time,
-    # so Tune has then recorded the finished one as terminated, and Ctrl-C catches the next
-    # one mid-run (unless ASHA has just stopped it).
-    deadline, finished = time.time() + 150, {}
+    # Wait until a trial has finished (all its reports logged) and the next one has reported.
+    # Trials run one at a time, so Tune has then recorded the finished one as terminated, and
+    # Ctrl-C catches the next one mid-run (unless ASHA has just stopped it). The test waits for
+    # that state, not for a time; the deadline only keeps a hung sweep from hanging the suite.
+    deadline, finished = time.time() + 900, {}
     while first.poll() is None and time.time() < deadline:
         finished = _finished_trials(experiment) if experiment.exists() else {}
         if finished and _running_trials(experiment, finished):
