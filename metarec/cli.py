@@ -171,13 +171,16 @@ def plot(run_dir):
 @click.option("--ray-address", default=None, help="join a Ray cluster (auto or ADDRESS); default: local Ray")
 @click.option("--storage-path", default=None, help="where Tune keeps trial results (dir or s3://)")
 @click.option("--name", default=None, help="experiment name (default: the space file's name)")
-@click.option("--resume", is_flag=True, help="continue an interrupted sweep (Tuner.restore)")
+@click.option("--resume", is_flag=True, help="continue an interrupted sweep (Tuner.restore; give the same --set)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a key of every trial's config, e.g. --set train.max_steps=200")
 @_user_errors
-def tune(space, num_samples, ray_address, storage_path, name, resume):
-    """Ray Tune sweep over tau, VQ heads and the inner/outer learning rates."""
+def tune(space, num_samples, ray_address, storage_path, name, resume, overrides):
+    """Ray Tune sweep over tau, VQ heads and the inner/outer learning rates.
+
+    Prints a line per trial report (stderr) besides Ray's status tables."""
     from tune.sweep import run_sweep
 
-    summary = run_sweep(space, num_samples=num_samples, ray_address=ray_address, storage_path=storage_path, name=name, resume=resume)
+    summary = run_sweep(space, num_samples=num_samples, ray_address=ray_address, storage_path=storage_path, name=name, resume=resume, overrides=overrides)
     click.echo(json.dumps(summary, indent=1))
 
 

@@ -224,11 +224,11 @@ def uninterrupted_rows(files) -> list[dict]:
     store = Path(files["tmp"]) / "store-straight"
     res = subprocess.run([*METAREC, "tune", files["space"], "--storage-path", str(store), "--name", "straight"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return json.loads((store / "straight" / "results.json").read_text())
+    return {"rows": json.loads((store / "straight" / "results.json").read_text()), "stderr": res.stderr}
 
 
 def test_asha_stopped_a_trial_early(uninterrupted_rows):
-    rows = uninterrupted_rows
+    rows = uninterrupted_rows["rows"]
     stopped = [r for r in rows if r["status"] == "stopped early"]
     completed = [r for r in rows if r["status"] == "completed"]
     assert stopped and completed
@@ -239,6 +239,28 @@ def test_asha_stopped_a_trial_early(uninterrupted_rows):
         assert r["test_source"].startswith("best checkpoint")
     for r in completed:
         assert r["evals"] == N_EVALS and r["test_source"] == "metrics.json"
+
+
+def test_sweep_prints_a_line_per_trial_report(uninterrupted_rows):
+    rows, err = uninterrupted_rows["rows"], uninterrupted_rows["stderr"]
+    for r in rows:
+        lines = [line for line in err.splitlines() if line.startswith(f"trial {r['trial_id']} step ")]
+        assert len(lines) == r["evals"], (r["trial_id"], lines)
+        assert lines[0].startswith(f"trial {r['trial_id']} step {EVAL_EVERY}: val NDCG@10 ")
+        assert f"tau={r['params']['rescale.tau']:.3g}" in lines[0]
+        assert f"trial {r['trial_id']} done" in err
+
+
+def test_set_overrides_the_trial_config_but_not_a_tuned_parameter(files):
+    space = load_space(files["space"], ["train.max_steps=10", "train.eval_every=5"])
+    assert space.base_config.train.max_steps == 10 and space.max_evaluations == 2
+    assert space.config({"rescale.tau": 0.5, "vq.heads": 2}).train.max_steps == 10
+    with pytest.raises(ConfigError, match=r"--set 'train.max_step=3': unknown config key 'train.max_step'.*did you mean 'train.max_steps'"):
+        load_space(files["space"], ["train.max_step=3"])
+    with pytest.raises(ConfigError, match="'rescale.tau' is a tuned parameter"):
+        load_space(files["space"], ["rescale.tau=0.5"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_space(files["space"], ["train.max_steps"])
 
 
 def test_outputs_and_best_config_trains(sweep, tmp_path):
@@ -274,9 +296,10 @@ def test_ray_runner_trial_places_its_workers_in_the_trial_placement_group(files,
     """runner: ray reserves 1 driver + ray.num_workers worker bundles; on 2 CPUs the trial can
     only finish if its SourceTaskWorker actors run inside that placement group."""
     space = _write(tmp_path / "ray.yaml", _space(files["base"], name="ray_runner", num_samples=1, runner="ray",
-                                               overrides={"ray.num_workers": 1, "train.max_steps": 10}))
-    run = subprocess.run([*METAREC, "tune", space, "--storage-path", str(tmp_path / "store")], capture_output=True, text=True, timeout=180)
+                                               overrides={"ray.num_workers": 1}))
+    run = subprocess.run([*METAREC, "tune", space, "--storage-path", str(tmp_path / "store"), "--set", "train.max_steps=10"],
+                         capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (row,) = json.loads((tmp_path / "store" / "ray_runner" / "results.json").read_text())
-    assert row["status"] == "completed" and row["evals"] == 2
+    assert row["status"] == "completed" and row["evals"] == 2  # --set train.max_steps=10 reached the trial
     assert "Logical resource usage: 2.0/" in run.stdout
