@@ -109,9 +109,24 @@ def train(config_path, overrides, out_dir, resume, use_ray, ray_address):
     if use_ray or ray_address:
         from metarec.runners.ray_runner import ray_runner_factory
 
+        if cfg.method == "metarec":
+            _fit_ray_workers(cfg, ray_address)
         runner_factory = ray_runner_factory(address=ray_address)
     metrics = run_training(cfg, out_dir, resume=resume, runner_factory=runner_factory)
     click.echo(json.dumps({"run_dir": out_dir, "best_step": metrics["best_step"], "test": metrics["test"]}, indent=1))
+
+
+def _fit_ray_workers(cfg, ray_address) -> None:
+    """Connect to Ray now and check that it can place the workers (metarec.runners.capacity)."""
+    from metarec.runners.capacity import fit_ray_workers
+    from metarec.runners.ray_runner import connect
+
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    connect(ray_address)
+    where = f"the Ray cluster at {address}" if address else "this machine's local Ray"
+    notice = fit_ray_workers(cfg, local=not address, where=where)
+    if notice:
+        click.echo(notice, err=True)
 
 
 @cli.command()
