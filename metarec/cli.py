@@ -105,6 +105,11 @@ def train(config_path, overrides, out_dir, resume, use_ray, ray_address):
     out_dir = out_dir or f"runs/{cfg.name}"
     if not resume and fs.exists(f"{out_dir}/config.yaml"):
         raise ConfigError(f"{out_dir}: run directory already holds a run; pass --resume to continue it or --out for a new one")
+    from metarec.runtime import cpu_time_warning
+
+    warning = cpu_time_warning(cfg, config_path)
+    if warning:
+        click.echo(warning, err=True)
     runner_factory = None
     if use_ray or ray_address:
         from metarec.runners.ray_runner import ray_runner_factory
