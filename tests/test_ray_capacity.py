@@ -46,3 +46,20 @@ def test_a_cluster_that_cannot_place_the_workers_fails_with_the_numbers_and_the_
 def test_not_even_one_worker_fails_local_or_not(local):
     with pytest.raises(ConfigError, match=r"has 2 CPUs, 0 GPUs, not enough for one worker; lower ray.cpus_per_worker"):
         plan_workers(RayConfig(num_workers=1, cpus_per_worker=4), {"CPU": 2.0}, local=local)
+
+
+def test_an_autoscaling_cluster_counts_what_its_autoscaler_may_add(monkeypatch):
+    """cluster/*.yaml start with 0 GPU workers (up to 8): a 3-GPU request must not fail."""
+    import ray
+    from ray._private.state import state
+
+    from metarec.runners.capacity import cluster_capacity
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "memory": 1e9})
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: {"CPU": 36.0, "GPU": 8})
+    capacity = cluster_capacity()
+    assert capacity["CPU"] == 36.0 and capacity["GPU"] == 8.0
+    assert plan_workers(RayConfig(num_workers=3, gpus_per_worker=1), capacity, local=False) == (3, None)
+
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: None)  # no autoscaler
+    assert cluster_capacity()["CPU"] == 4.0 and "GPU" not in cluster_capacity()

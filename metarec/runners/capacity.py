@@ -10,7 +10,9 @@ total resources first:
   only if not even one worker fits;
 - a cluster (`--ray-address`, or `RAY_ADDRESS`) is not second-guessed: a request larger
   than its total resources fails at once, naming the numbers and the
-  `--set ray.num_workers=N` that would fit.
+  `--set ray.num_workers=N` that would fit. An autoscaling cluster (cluster/*.yaml start
+  with no GPU workers) counts what its autoscaler may add: the larger of the current
+  totals and the maxima of its node groups.
 """
 
 from __future__ import annotations
@@ -57,11 +59,25 @@ def plan_workers(ray_cfg: RayConfig, resources: dict[str, Any], *, local: bool, 
     raise ConfigError(f"{need} cannot be placed: {where} has {have} in all; --set ray.num_workers={fit} would fit")
 
 
-def fit_ray_workers(cfg, *, local: bool, where: str) -> str | None:
-    """Connected to Ray: set `cfg.ray.num_workers` per `plan_workers` from the cluster's
-    total resources; returns the notice (or None). ConfigError if nothing fits."""
+def cluster_capacity() -> dict[str, float]:
+    """Connected to Ray: its total resources, raised to the autoscaler's maxima where it has one."""
     import ray
 
-    n, notice = plan_workers(cfg.ray, ray.cluster_resources(), local=local, where=where)
+    totals = {k: float(v) for k, v in ray.cluster_resources().items()}
+    try:  # no public API for the autoscaler's limits yet (Ray Train uses the same call)
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - an older/newer Ray without it: current totals only
+        limits = {}
+    for key, value in limits.items():
+        totals[key] = max(totals.get(key, 0.0), float(value))
+    return totals
+
+
+def fit_ray_workers(cfg, *, local: bool, where: str) -> str | None:
+    """Connected to Ray: set `cfg.ray.num_workers` per `plan_workers` from the cluster's
+    capacity; returns the notice (or None). ConfigError if nothing fits."""
+    n, notice = plan_workers(cfg.ray, cluster_capacity(), local=local, where=where)
     cfg.ray.num_workers = n
     return notice
