@@ -303,3 +303,11 @@ def test_ray_runner_trial_places_its_workers_in_the_trial_placement_group(files,
     (row,) = json.loads((tmp_path / "store" / "ray_runner" / "results.json").read_text())
     assert row["status"] == "completed" and row["evals"] == 2  # --set train.max_steps=10 reached the trial
     assert "Logical resource usage: 2.0/" in run.stdout
+
+
+def test_the_readme_small_budget_example_space_loads():
+    """README: `metarec tune tune/spaces/cpu.yaml --num-samples 4 --set train.max_steps=100`."""
+    space = load_space(Path(__file__).resolve().parent.parent / "tune" / "spaces" / "cpu.yaml", ["train.max_steps=100"])
+    cfg = space.base_config
+    assert cfg.train.max_steps == 100 and cfg.train.eval_every == 25 and space.max_evaluations == 4
+    assert cfg.data.target_users == 2000 and cfg.train.device == "cpu"
