@@ -178,7 +178,7 @@ def recommend(run_dir, user, history, k):
 @click.argument("run_dir")
 @_user_errors
 def plot(run_dir):
-    """(Re)draw RUN_DIR's training curves and source-weight heatmap as PNG (needs the plot extra)."""
+    """(Re)draw RUN_DIR's training curves and source-weight heatmap as PNG."""
     from metarec.plots import plot_run
 
     for path in plot_run(run_dir):

@@ -26,6 +26,7 @@ MAX_STEPS, EVAL_EVERY = 40, 5
 N_EVALS = MAX_STEPS // EVAL_EVERY
 N_TRIALS = 4
 METAREC = [sys.executable, "-m", "metarec.cli"]
+HANG_GUARD_S = 1800  # subprocess limits only catch a hung sweep; a loaded machine may take minutes
 
 
 def _write(path: Path, data: dict) -> str:
@@ -172,7 +173,7 @@ def sweep(files) -> dict:
     # Trials run one at a time, so Tune has then recorded the finished one as terminated, and
     # Ctrl-C catches the next one mid-run (unless ASHA has just stopped it). The test waits for
     # that state, not for a time; the deadline only keeps a hung sweep from hanging the suite.
-    deadline, finished = time.time() + 900, {}
+    deadline, finished = time.time() + HANG_GUARD_S, {}
     while first.poll() is None and time.time() < deadline:
         finished = _finished_trials(experiment) if experiment.exists() else {}
         if finished and _running_trials(experiment, finished):
@@ -182,8 +183,8 @@ def sweep(files) -> dict:
     assert finished, "no trial finished in time"
     before = {d.name: _result_steps(d) for d in experiment.iterdir() if d.is_dir()}
     first.send_signal(signal.SIGINT)
-    out1, _ = first.communicate(timeout=120)
-    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    out1, _ = first.communicate(timeout=HANG_GUARD_S)
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     return {
         "experiment": experiment,
@@ -222,7 +223,7 @@ def uninterrupted_rows(files) -> list[dict]:
     """The same seeded sweep run straight through: ASHA's decisions do not depend on
     where an interruption happened to fall (a resumed trial re-enters its rung)."""
     store = Path(files["tmp"]) / "store-straight"
-    res = subprocess.run([*METAREC, "tune", files["space"], "--storage-path", str(store), "--name", "straight"], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([*METAREC, "tune", files["space"], "--storage-path", str(store), "--name", "straight"], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return {"rows": json.loads((store / "straight" / "results.json").read_text()), "stderr": res.stderr}
 
@@ -280,7 +281,7 @@ def test_outputs_and_best_config_trains(sweep, tmp_path):
         section, leaf = key.split(".")
         assert tuned[section][leaf] == value
     out = tmp_path / "best_run"
-    run = subprocess.run([*METAREC, "train", str(best_config), "--out", str(out), "--set", "train.max_steps=5"], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([*METAREC, "train", str(best_config), "--out", str(out), "--set", "train.max_steps=5"], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["steps"] == 5
 
@@ -298,7 +299,7 @@ def test_ray_runner_trial_places_its_workers_in_the_trial_placement_group(files,
     space = _write(tmp_path / "ray.yaml", _space(files["base"], name="ray_runner", num_samples=1, runner="ray",
                                                overrides={"ray.num_workers": 1}))
     run = subprocess.run([*METAREC, "tune", space, "--storage-path", str(tmp_path / "store"), "--set", "train.max_steps=10"],
-                         capture_output=True, text=True, timeout=180)
+                         capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (row,) = json.loads((tmp_path / "store" / "ray_runner" / "results.json").read_text())
     assert row["status"] == "completed" and row["evals"] == 2  # --set train.max_steps=10 reached the trial
