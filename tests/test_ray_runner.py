@@ -263,37 +263,3 @@ def test_cli_train_ray_cluster_too_small_fails_at_once(ray_home, root, tmp_path)
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ray.num_workers=3 x ray.cpus_per_worker=")
     assert result.stderr.rstrip().endswith("--set ray.num_workers=2 would fit")
     assert not out.exists()  # nothing was started
-
-
-def test_a_local_start_that_times_out_is_tried_again(monkeypatch):
-    """Ray gives a raylet a fixed 30 s to register; a saturated machine may miss it once."""
-    calls = []
-
-    def init(**kwargs):
-        calls.append(kwargs["address"])
-        if len(calls) == 1:
-            raise Exception("The current node timed out during startup. This could happen because ...")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", init)
-    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
-    monkeypatch.setattr("metarec.runners.ray_runner.enable_local_token_auth", lambda: True)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    connect(None)
-    assert calls == ["local", "shutdown", "local"]
-
-    def always_fails(**kwargs):
-        raise Exception("The current node timed out during startup.")
-
-    monkeypatch.setattr(ray, "init", always_fails)
-    with pytest.raises(Exception, match="timed out during startup"):
-        connect(None)
-
-    def other_error(**kwargs):
-        raise ValueError("bad argument")
-
-    calls.clear()
-    monkeypatch.setattr(ray, "init", other_error)
-    with pytest.raises(ValueError):
-        connect(None)
-    assert calls == []  # not retried
