@@ -51,9 +51,6 @@ from metarec.meta.run_task import TaskResult, run_task
 from metarec.meta.tasks import TaskSpec
 
 
-LOCAL_START_ATTEMPTS = 3  # a local Ray instance that timed out while starting is started again
-
-
 class WorkerFailedError(MetaRecError):
     """Workers could not start, or a task failed more often than `ray.max_task_retries` allows."""
 
@@ -285,16 +282,7 @@ def connect(address: str | None) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     enable_local_token_auth()
-    for attempt in range(LOCAL_START_ATTEMPTS):
-        try:
-            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
-            return
-        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
-            # Ray gives a new raylet a fixed 30 s to register; on a saturated machine it can
-            # take longer. Start again (a fresh instance) rather than fail the run.
-            if "timed out during startup" not in str(err) or attempt + 1 == LOCAL_START_ATTEMPTS:
-                raise
-            ray.shutdown()
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
 def ray_runner_factory(address: str | None = None):
