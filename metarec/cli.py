@@ -118,13 +118,33 @@ def train(config_path, overrides, out_dir, resume, use_ray, ray_address):
 
     cfg = _load(config_path, overrides)
     out_dir = out_dir or f"runs/{cfg.name}"
+    from metarec.runtime import cpu_time_warning
+
+    warning = cpu_time_warning(cfg, config_path)
+    if warning:
+        click.echo(warning, err=True)
     runner_factory = None
     if use_ray or ray_address:
         from metarec.runners.ray_runner import ray_runner_factory
 
+        if cfg.method == "metarec":
+            _fit_ray_workers(cfg, ray_address)
         runner_factory = ray_runner_factory(address=ray_address)
     metrics = run_training(cfg, out_dir, resume=resume, runner_factory=runner_factory, refuse_existing=True)
     click.echo(json.dumps({"run_dir": out_dir, "best_step": metrics["best_step"], "test": metrics["test"]}, indent=1))
+
+
+def _fit_ray_workers(cfg, ray_address) -> None:
+    """Connect to Ray now and check that it can place the workers (metarec.runners.capacity)."""
+    from metarec.runners.capacity import fit_ray_workers
+    from metarec.runners.ray_runner import connect
+
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    connect(ray_address)
+    where = f"the Ray cluster at {address}" if address else "this machine's local Ray"
+    notice = fit_ray_workers(cfg, local=not address, where=where)
+    if notice:
+        click.echo(notice, err=True)
 
 
 @cli.command()
@@ -171,7 +191,7 @@ def recommend(run_dir, user, history, k):
 @click.argument("run_dir")
 @_user_errors
 def plot(run_dir):
-    """(Re)draw RUN_DIR's training curves and source-weight heatmap as PNG (needs the plot extra)."""
+    """(Re)draw RUN_DIR's training curves and source-weight heatmap as PNG."""
     from metarec.plots import plot_run
 
     for path in plot_run(run_dir):
@@ -184,13 +204,16 @@ def plot(run_dir):
 @click.option("--ray-address", default=None, help="join a Ray cluster (auto or ADDRESS); default: local Ray")
 @click.option("--storage-path", default=None, help="where Tune keeps trial results (dir or s3://)")
 @click.option("--name", default=None, help="experiment name (default: the space file's name)")
-@click.option("--resume", is_flag=True, help="continue an interrupted sweep (Tuner.restore)")
+@click.option("--resume", is_flag=True, help="continue an interrupted sweep (Tuner.restore; give the same --set)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a key of every trial's config, e.g. --set train.max_steps=200")
 @_user_errors
-def tune(space, num_samples, ray_address, storage_path, name, resume):
-    """Ray Tune sweep over tau, VQ heads and the inner/outer learning rates."""
+def tune(space, num_samples, ray_address, storage_path, name, resume, overrides):
+    """Ray Tune sweep over tau, VQ heads and the inner/outer learning rates.
+
+    Prints a line per trial report (stderr) besides Ray's status tables."""
     from tune.sweep import run_sweep
 
-    summary = run_sweep(space, num_samples=num_samples, ray_address=ray_address, storage_path=storage_path, name=name, resume=resume)
+    summary = run_sweep(space, num_samples=num_samples, ray_address=ray_address, storage_path=storage_path, name=name, resume=resume, overrides=overrides)
     click.echo(json.dumps(summary, indent=1))
 
 

@@ -105,13 +105,15 @@ def evaluate(
     exclude_history: bool = True,
     device: str | torch.device = "cpu",
     progress: bool = False,
-) -> dict[str, float | int]:
+    return_ranks: bool = False,
+) -> dict[str, float | int] | tuple[dict[str, float | int], np.ndarray]:
     """Full-ranking metrics of `score_fn` on (history -> target) pairs.
 
     Each history is cut to its last `max_len` items and left-padded; `score_fn` maps
     those inputs (B, max_len) long on `device` to scores (B, K+1) and runs under
     `torch.no_grad`. With `exclude_history` the items of the input window are not
-    ranked (see `rank_of_targets`). Returns `metrics_from_ranks` plus "n_users".
+    ranked (see `rank_of_targets`). Returns `metrics_from_ranks` plus "n_users", and
+    with `return_ranks` also each user's rank, (metrics, ranks (n_users,) int64).
     """
     targets = np.asarray(targets, dtype=np.int64)
     if len(histories) != len(targets):
@@ -130,4 +132,6 @@ def evaluate(
             release_freed_memory()
     metrics: dict[str, float | int] = dict(metrics_from_ranks(torch.cat(ranks) if ranks else torch.empty(0)))
     metrics["n_users"] = len(targets)
+    if return_ranks:
+        return metrics, torch.cat(ranks).numpy().astype(np.int64)
     return metrics

@@ -1,4 +1,4 @@
-"""`metarec plot`: PNG figures of a run directory's `history.jsonl` (needs the `plot` extra).
+"""`metarec plot`: PNG figures of a run directory's `history.jsonl`.
 
 - `training_curves.png`: training losses vs step (raw, faint, and a rolling mean) and
   validation NDCG@10 vs step with the best step marked;
@@ -7,15 +7,18 @@
   into at most `MAX_HEATMAP_COLUMNS` columns (colour = mean weight in the bin; grey =
   source not sampled in that bin).
 
-matplotlib is imported lazily and drawn through its Agg canvas directly (no pyplot, no
-global backend switch), and the PNG bytes are written with `metarec.fs`, so the run
-directory may be local or `s3://`.
+matplotlib (a base dependency) is imported lazily, all of it in `_matplotlib()` before
+anything is drawn, so an environment without it gets one MetaRecError (one line, exit
+status 2 from the CLI) instead of a traceback. Figures are drawn through the Agg canvas
+directly (no pyplot, no global backend switch), and the PNG bytes are written with
+`metarec.fs`, so the run directory may be local or `s3://`.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -30,15 +33,26 @@ VAL_METRIC = "NDCG@10"
 MAX_HEATMAP_COLUMNS = 100
 
 
-def _figure(width: float, height: float):
-    """An Agg-backed Figure; MetaRecError if matplotlib (the `plot` extra) is missing."""
+MISSING_MATPLOTLIB = "plotting needs matplotlib, which is not importable here: pip install matplotlib (or 'metarec[plot]')"
+
+
+def _matplotlib() -> SimpleNamespace:
+    """Every matplotlib name the figures use; MetaRecError (one line) if matplotlib is missing."""
     try:
+        from matplotlib import colormaps
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
-        raise MetaRecError("plotting needs matplotlib: pip install 'metarec[plot]'") from None
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
+        raise MetaRecError(MISSING_MATPLOTLIB) from None
+    return SimpleNamespace(colormaps=colormaps, FigureCanvasAgg=FigureCanvasAgg, Figure=Figure, MaxNLocator=MaxNLocator)
+
+
+def _figure(width: float, height: float):
+    """An Agg-backed Figure."""
+    mpl = _matplotlib()
+    fig = mpl.Figure(figsize=(width, height), dpi=110, layout="constrained")
+    mpl.FigureCanvasAgg(fig)
     return fig
 
 
@@ -131,8 +145,7 @@ def _draw_loss(ax, name: str, steps: np.ndarray, values: np.ndarray, color: str,
 
 def draw_curves(rows: list[dict[str, Any]], title: str) -> bytes:
     """PNG of the loss curves (left) and validation NDCG@10 (right)."""
-    from matplotlib.ticker import MaxNLocator
-
+    MaxNLocator = _matplotlib().MaxNLocator
     fig = _figure(11, 4)
     ax_loss, ax_val = fig.subplots(1, 2)
     series = loss_series(rows)
@@ -167,9 +180,8 @@ def draw_curves(rows: list[dict[str, Any]], title: str) -> bytes:
 
 def draw_source_weights(rows: list[dict[str, Any]], title: str) -> bytes:
     """PNG heatmap: sources × iterations, colour = mean softmax weight."""
-    from matplotlib import colormaps
-    from matplotlib.ticker import MaxNLocator
-
+    mpl = _matplotlib()
+    colormaps, MaxNLocator = mpl.colormaps, mpl.MaxNLocator
     sources, edges, matrix = weight_matrix(rows)
     fig = _figure(10, 1.2 + 0.45 * len(sources))
     ax = fig.subplots()
@@ -192,6 +204,7 @@ def plot_run(run_dir: str) -> list[str]:
     """
     run_dir = run_dir.rstrip("/")
     rows = read_history(run_dir)
+    _matplotlib()  # fail before drawing anything
     title = run_dir.rsplit("/", 1)[-1]
     figures = {CURVES_FILE: draw_curves(rows, title)}
     if any(isinstance(r.get("weights"), dict) and r["weights"] for r in rows):

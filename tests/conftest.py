@@ -45,3 +45,18 @@ def moto_s3(monkeypatch):
         yield endpoint
     finally:
         server.stop()
+
+
+@pytest.fixture
+def no_matplotlib():
+    """The whole `matplotlib` package unimportable for the test (see tests/no_matplotlib.py)."""
+    import sys
+
+    import no_matplotlib as blocker
+
+    saved = dict(sys.modules)
+    finder = blocker.block()
+    try:
+        yield
+    finally:
+        blocker.unblock(finder, saved)

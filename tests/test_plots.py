@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import sys
+from contextlib import redirect_stderr
 
 import numpy as np
 import pytest
@@ -129,15 +130,35 @@ def test_crafted_history_on_s3(moto_s3):
         assert fs.read_bytes(path).startswith(PNG_MAGIC)
 
 
-def test_bad_history_and_missing_matplotlib(tmp_path, monkeypatch):
+def test_bad_history(tmp_path):
     with pytest.raises(MetaRecError, match="history.jsonl"):
         plot_run(str(tmp_path))
     (tmp_path / "history.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss":\n')
     with pytest.raises(MetaRecError, match="line 2"):
         plot_run(str(tmp_path))
 
-    (tmp_path / "history.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(MetaRecError, match=r"metarec\[plot\]"):
-        plot_run(str(tmp_path))
-    assert not (tmp_path / CURVES_FILE).exists()
+
+def test_missing_matplotlib_is_one_line_not_a_traceback(runs, no_matplotlib):
+    """Without matplotlib at all: plot_run raises MetaRecError, `metarec plot` prints one
+    line and exits 2, the demo's plot step prints a one-line note, the sweep has no plot."""
+    with pytest.raises(ModuleNotFoundError):
+        import matplotlib  # noqa: F401  (the blocker works)
+    for run in runs.values():
+        for name in (CURVES_FILE, WEIGHTS_FILE):
+            if os.path.exists(f"{run}/{name}"):
+                os.remove(f"{run}/{name}")
+        with pytest.raises(MetaRecError, match=r"needs matplotlib.*pip install matplotlib"):
+            plot_run(run)
+        assert not os.path.exists(f"{run}/{CURVES_FILE}")
+
+    result = CliRunner().invoke(main, ["plot", runs["metarec"]])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and result.output.startswith("error: plotting needs matplotlib")
+    assert "Traceback" not in result.output
+
+    from metarec import demo
+
+    err = io.StringIO()
+    with redirect_stderr(err):
+        demo._plot(runs["target_only"])
+    assert err.getvalue().startswith("note: no plots (plotting needs matplotlib") and err.getvalue().count("\n") == 1

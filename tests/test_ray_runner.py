@@ -234,3 +234,47 @@ def test_a_replaced_worker_is_logged_and_counted_in_history(ray_home, root, tmp_
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert [r.get("worker_replacements", 0) for r in history] == [0, 1, 0]
     assert metrics["worker_replacements"] == 1
+
+
+def _cli_config(tmp_path, root: str, **ray_options) -> str:
+    """A tiny MetaRec config file (2 steps) whose workers are sized so that exactly 2 fit
+    on this Ray instance, whatever its CPU count."""
+    import yaml
+
+    cpus = ray.cluster_resources()["CPU"] / 2
+    raw = tiny_config(root).to_dict()
+    raw["train"].update(max_steps=2, eval_every=1)
+    raw["ray"].update(cpus_per_worker=cpus, **ray_options)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_cli_train_ray_local_lowers_num_workers_to_what_fits(ray_home, root, tmp_path):
+    from click.testing import CliRunner
+
+    from metarec.cli import cli
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", _cli_config(tmp_path, root, num_workers=3), "--ray", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    notices = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert len(notices) == 1 and "using ray.num_workers=2 instead of 3" in notices[0], result.stderr
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["ray"]["num_workers"] == 2  # what the run used
+
+
+def test_cli_train_ray_cluster_too_small_fails_at_once(ray_home, root, tmp_path):
+    """--ray-address: the request is the user's; a cluster that cannot place it is an error
+    before any data is loaded (the runner would otherwise wait 600 s)."""
+    from click.testing import CliRunner
+
+    from metarec.cli import cli
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", _cli_config(tmp_path, root, num_workers=3), "--ray-address", "auto", "--out", str(out)])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ray.num_workers=3 x ray.cpus_per_worker=")
+    assert result.stderr.rstrip().endswith("--set ray.num_workers=2 would fit")
+    assert not out.exists()  # nothing was started

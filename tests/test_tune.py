@@ -26,6 +26,7 @@ MAX_STEPS, EVAL_EVERY = 40, 5
 N_EVALS = MAX_STEPS // EVAL_EVERY
 N_TRIALS = 4
 METAREC = [sys.executable, "-m", "metarec.cli"]
+HANG_GUARD_S = 1800  # subprocess limits only catch a hung sweep; a loaded machine may take minutes
 
 
 def _write(path: Path, data: dict) -> str:
@@ -133,13 +134,29 @@ def _result_steps(trial_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().split("\n")[:-1]] if path.exists() else []
 
 
+def _val_steps(run_dir: Path) -> list[int]:
+    """Validation steps of a trial's run, from its history.jsonl (final once metrics.json exists)."""
+    path = run_dir / "history.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r["step"] for r in rows if "val" in r]
+
+
 def _finished_trials(experiment: Path) -> dict[str, tuple[list[int], int]]:
-    """Trials that wrote metrics.json: their reported steps and metrics.json's mtime."""
-    return {
-        d.name: (_result_steps(d), (d / "run" / "metrics.json").stat().st_mtime_ns)
-        for d in experiment.iterdir()
-        if (d / "run" / "metrics.json").exists()
-    }
+    """Trials that wrote metrics.json *and* whose every report Tune has logged: their
+    reported steps and metrics.json's mtime.
+
+    A trial writes metrics.json right after its last report, while the driver may not
+    have logged that report yet; such a trial is not finished for the test until it has.
+    """
+    finished = {}
+    for d in experiment.iterdir():
+        metrics = d / "run" / "metrics.json"
+        if not metrics.exists():
+            continue
+        steps = _result_steps(d)
+        if steps and set(steps) >= set(_val_steps(d / "run")):
+            finished[d.name] = (steps, metrics.stat().st_mtime_ns)
+    return finished
 
 
 def _running_trials(experiment: Path, finished: dict) -> list[str]:
@@ -152,10 +169,11 @@ def sweep(files) -> dict:
     experiment = Path(files["store"]) / "s"
     cmd = [*METAREC, "tune", files["space"], "--storage-path", files["store"], "--name", "s"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # Wait until a trial has finished and the next one has reported. Trials run one at a time,
-    # so Tune has then recorded the finished one as terminated, and Ctrl-C catches the next
-    # one mid-run (unless ASHA has just stopped it).
-    deadline, finished = time.time() + 150, {}
+    # Wait until a trial has finished (all its reports logged) and the next one has reported.
+    # Trials run one at a time, so Tune has then recorded the finished one as terminated, and
+    # Ctrl-C catches the next one mid-run (unless ASHA has just stopped it). The test waits for
+    # that state, not for a time; the deadline only keeps a hung sweep from hanging the suite.
+    deadline, finished = time.time() + HANG_GUARD_S, {}
     while first.poll() is None and time.time() < deadline:
         finished = _finished_trials(experiment) if experiment.exists() else {}
         if finished and _running_trials(experiment, finished):
@@ -165,8 +183,8 @@ def sweep(files) -> dict:
     assert finished, "no trial finished in time"
     before = {d.name: _result_steps(d) for d in experiment.iterdir() if d.is_dir()}
     first.send_signal(signal.SIGINT)
-    out1, _ = first.communicate(timeout=120)
-    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    out1, _ = first.communicate(timeout=HANG_GUARD_S)
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     return {
         "experiment": experiment,
@@ -205,13 +223,13 @@ def uninterrupted_rows(files) -> list[dict]:
     """The same seeded sweep run straight through: ASHA's decisions do not depend on
     where an interruption happened to fall (a resumed trial re-enters its rung)."""
     store = Path(files["tmp"]) / "store-straight"
-    res = subprocess.run([*METAREC, "tune", files["space"], "--storage-path", str(store), "--name", "straight"], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([*METAREC, "tune", files["space"], "--storage-path", str(store), "--name", "straight"], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return json.loads((store / "straight" / "results.json").read_text())
+    return {"rows": json.loads((store / "straight" / "results.json").read_text()), "stderr": res.stderr}
 
 
 def test_asha_stopped_a_trial_early(uninterrupted_rows):
-    rows = uninterrupted_rows
+    rows = uninterrupted_rows["rows"]
     stopped = [r for r in rows if r["status"] == "stopped early"]
     completed = [r for r in rows if r["status"] == "completed"]
     assert stopped and completed
@@ -222,6 +240,28 @@ def test_asha_stopped_a_trial_early(uninterrupted_rows):
         assert r["test_source"].startswith("best checkpoint")
     for r in completed:
         assert r["evals"] == N_EVALS and r["test_source"] == "metrics.json"
+
+
+def test_sweep_prints_a_line_per_trial_report(uninterrupted_rows):
+    rows, err = uninterrupted_rows["rows"], uninterrupted_rows["stderr"]
+    for r in rows:
+        lines = [line for line in err.splitlines() if line.startswith(f"trial {r['trial_id']} step ")]
+        assert len(lines) == r["evals"], (r["trial_id"], lines)
+        assert lines[0].startswith(f"trial {r['trial_id']} step {EVAL_EVERY}: val NDCG@10 ")
+        assert f"tau={r['params']['rescale.tau']:.3g}" in lines[0]
+        assert f"trial {r['trial_id']} done" in err
+
+
+def test_set_overrides_the_trial_config_but_not_a_tuned_parameter(files):
+    space = load_space(files["space"], ["train.max_steps=10", "train.eval_every=5"])
+    assert space.base_config.train.max_steps == 10 and space.max_evaluations == 2
+    assert space.config({"rescale.tau": 0.5, "vq.heads": 2}).train.max_steps == 10
+    with pytest.raises(ConfigError, match=r"--set 'train.max_step=3': unknown config key 'train.max_step'.*did you mean 'train.max_steps'"):
+        load_space(files["space"], ["train.max_step=3"])
+    with pytest.raises(ConfigError, match="'rescale.tau' is a tuned parameter"):
+        load_space(files["space"], ["rescale.tau=0.5"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_space(files["space"], ["train.max_steps"])
 
 
 def test_outputs_and_best_config_trains(sweep, tmp_path):
@@ -241,7 +281,7 @@ def test_outputs_and_best_config_trains(sweep, tmp_path):
         section, leaf = key.split(".")
         assert tuned[section][leaf] == value
     out = tmp_path / "best_run"
-    run = subprocess.run([*METAREC, "train", str(best_config), "--out", str(out), "--set", "train.max_steps=5"], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([*METAREC, "train", str(best_config), "--out", str(out), "--set", "train.max_steps=5"], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["steps"] == 5
 
@@ -257,9 +297,18 @@ def test_ray_runner_trial_places_its_workers_in_the_trial_placement_group(files,
     """runner: ray reserves 1 driver + ray.num_workers worker bundles; on 2 CPUs the trial can
     only finish if its SourceTaskWorker actors run inside that placement group."""
     space = _write(tmp_path / "ray.yaml", _space(files["base"], name="ray_runner", num_samples=1, runner="ray",
-                                               overrides={"ray.num_workers": 1, "train.max_steps": 10}))
-    run = subprocess.run([*METAREC, "tune", space, "--storage-path", str(tmp_path / "store")], capture_output=True, text=True, timeout=180)
+                                               overrides={"ray.num_workers": 1}))
+    run = subprocess.run([*METAREC, "tune", space, "--storage-path", str(tmp_path / "store"), "--set", "train.max_steps=10"],
+                         capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (row,) = json.loads((tmp_path / "store" / "ray_runner" / "results.json").read_text())
-    assert row["status"] == "completed" and row["evals"] == 2
+    assert row["status"] == "completed" and row["evals"] == 2  # --set train.max_steps=10 reached the trial
     assert "Logical resource usage: 2.0/" in run.stdout
+
+
+def test_the_readme_small_budget_example_space_loads():
+    """README: `metarec tune tune/spaces/cpu.yaml --num-samples 4 --set train.max_steps=100`."""
+    space = load_space(Path(__file__).resolve().parent.parent / "tune" / "spaces" / "cpu.yaml", ["train.max_steps=100"])
+    cfg = space.base_config
+    assert cfg.train.max_steps == 100 and cfg.train.eval_every == 25 and space.max_evaluations == 4
+    assert cfg.data.target_users == 2000 and cfg.train.device == "cpu"

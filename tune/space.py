@@ -45,7 +45,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from metarec import fs
-from metarec.config import Config, config_from_dict, suggest_key
+from metarec.config import Config, config_from_dict, parse_override, suggest_key
 from metarec.errors import ConfigError
 from metarec.eval import METRIC_KS
 
@@ -304,8 +304,11 @@ def _format_space_error(err: ValidationError, where: str) -> str:
     return "; ".join(msgs)
 
 
-def load_space(path: str | os.PathLike) -> SearchSpace:
-    """Read and fully validate a space file (see the module docstring); raises ConfigError."""
+def load_space(path: str | os.PathLike, sets: tuple[str, ...] | list[str] = ()) -> SearchSpace:
+    """Read and fully validate a space file (see the module docstring); raises ConfigError.
+
+    `sets`: `--set KEY=VALUE` overrides (parsed as in `metarec train --set`) applied after
+    the file's `overrides`; a tuned parameter cannot be set."""
     path = Path(path)
     where = str(path)
     if not path.is_file():
@@ -335,9 +338,16 @@ def load_space(path: str | os.PathLike) -> SearchSpace:
     for key, value in spec.overrides.items():
         check_config_key(key, f"{where}: overrides")
         set_dotted(base, key, value)
+    for text in sets:
+        parts, value = parse_override(text)
+        key = ".".join(parts)
+        check_config_key(key, f"--set {text!r}")
+        if key in spec.params:
+            raise ConfigError(f"--set {text!r}: '{key}' is a tuned parameter of {where}; remove it from params to fix it")
+        set_dotted(base, key, value)
     _absolute_data_root(base)
     params = {key: parse_param(key, value, where) for key, value in spec.params.items()}
-    base_cfg = config_from_dict(copy.deepcopy(base), f"{base_path} (with the overrides of {where})")
+    base_cfg = config_from_dict(copy.deepcopy(base), f"{base_path} (with the overrides of {where}" + (f" and --set {' '.join(sets)})" if sets else ")"))
 
     space = SearchSpace(
         path=where,

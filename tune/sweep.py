@@ -30,6 +30,7 @@ from metarec import fs
 from metarec.checkpoint import step_checkpoints
 from metarec.config import dump_config
 from metarec.errors import ConfigError, MetaRecError
+from tune.progress import TrialProgress
 from tune.space import SearchSpace, load_space
 
 DEFAULT_STORAGE = "runs/tune"
@@ -188,6 +189,7 @@ def _tuner(space: SearchSpace, experiment_uri: str, storage_uri: str, name: str,
             storage_filesystem=filesystem,
             failure_config=ray_tune.FailureConfig(max_failures=space.max_failures),
             checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[TrialProgress(space.metric, list(space.params))],
         ),
     )
 
@@ -314,18 +316,22 @@ def run_sweep(
     storage_path: str | None = None,
     name: str | None = None,
     resume: bool = False,
+    overrides: tuple[str, ...] | list[str] = (),
 ) -> dict[str, Any]:
     """Validate the space, run (or `resume`) the sweep, write the result files; returns a summary.
 
     `storage_path`: CLI > space file > `runs/tune`; the experiment is `<storage_path>/<name>`.
     Ray: joins `ray_address`, or starts a local instance (127.0.0.1, no dashboard) and
     shuts it down at the end; an already initialised Ray is used as is.
+    `overrides`: `--set KEY=VALUE` strings applied to every trial's config after the
+    space file's `overrides` (e.g. a smaller `train.max_steps`); pass the same ones with
+    `resume`.
     """
     from ray import tune as ray_tune
 
     from metarec.runners.ray_runner import connect
 
-    space = load_space(space_path)
+    space = load_space(space_path, overrides)
     if num_samples is not None and num_samples < 1:
         raise ConfigError(f"--num-samples: must be >= 1, got {num_samples}")
     _check_data(space)
@@ -356,6 +362,7 @@ def run_sweep(
         raise MetaRecError(
             f"{experiment_uri}: sweep interrupted with {unfinished} unfinished trials; "
             f"continue it with: metarec tune {space_path} --resume --storage-path {storage_uri} --name {name}"
+            + "".join(f" --set {text}" for text in overrides)
         )
     rows = [_trial_row(result, space, experiment_uri) for result in grid]
     return write_outputs(rows, space, experiment_uri)
