@@ -173,4 +173,6 @@ def last_position_scores(model, params: dict[str, torch.Tensor], domain: str, in
     mask = inputs > 0
     emb = table[inputs] * mask.unsqueeze(-1).to(table.dtype)
     hidden = encode(model, params, emb, mask)[:, -1]
+    if fastpath.enabled():
+        return torch.addmm(bias, hidden, table.T)  # one pass over the (B, K+1) scores
     return hidden @ table.T + bias
