@@ -69,19 +69,29 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+CPU_SECONDS: dict[str, float] = {}  # impl key -> median process CPU seconds per call (this process)
+
+
 def interleaved(fns: dict[str, Callable[[int], None]], warmup: int, reps: int, device: str) -> dict[str, float]:
-    """Median seconds per call of each function, calls alternating A, B, C, A, B, C, ..."""
+    """Median wall seconds per call of each function, calls alternating A, B, C, A, B, C, ...
+
+    Also records the median process CPU seconds per call in CPU_SECONDS: on a shared,
+    oversubscribed machine wall time stretches with the load, CPU time much less.
+    """
     for i in range(warmup):
         for fn in fns.values():
             fn(i)
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(warmup, warmup + reps):
         for name, fn in fns.items():
             _sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn(i)
             _sync(device)
             times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    CPU_SECONDS.update({k: statistics.median(v) for k, v in cpu.items()})
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -174,13 +184,17 @@ def group_reference(a) -> list[dict[str, Any]]:
         "metarec_iteration/reference": _step_fn(_trainer(_reference_config(a.root), a.device, f"{a.tmp}/meta_ref"), True),
     }
     secs = interleaved(fns, a.warmup, a.meta_reps, a.device)
+    cpu = dict(CPU_SECONDS)
     n_tasks = _reference_config(a.root)["meta"]["tasks_per_iter"]
     rows = []
     for what, per in (("target_only_step", BATCH), ("joint_step", n_tasks * BATCH), ("metarec_iteration", n_tasks * BATCH)):
+        CPU_SECONDS.clear()
+        CPU_SECONDS.update({k.split("/")[1]: v for k, v in cpu.items() if k.startswith(what + "/")})
         rows += _rows(a, what, "reference", {k.split("/")[1]: v for k, v in secs.items() if k.startswith(what + "/")}, per, "sequences_per_s")
     for impl in ("fast", "reference"):
         meta = next(r for r in rows if r["what"] == "metarec_iteration" and r["impl"] == impl)
         meta["vs_joint_step"] = round(meta["seconds"] / secs[f"joint_step/{impl}"], 3)
+        meta["vs_joint_step_cpu"] = round(cpu[f"metarec_iteration/{impl}"] / cpu[f"joint_step/{impl}"], 3)
     return rows
 
 
@@ -191,16 +205,17 @@ def group_eval(a, impl: str) -> list[dict[str, Any]]:
     cfg["data"]["root"] = a.root
     cfg["train"].update({"device": a.device, "progress": False})
     problem = build_problem(config_from_dict(cfg))
-    times = []
+    times, cpu = [], []
     for _ in range(a.eval_reps):
         _sync(a.device)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with fastpath.reference_paths(impl == "reference"):
             metrics = target_metrics(problem, "val")
         _sync(a.device)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     secs = statistics.median(times)
-    return [_row(a, "eval_full_ranking", "video", impl, secs, users_per_s=round(metrics["n_users"] / secs, 1), n_users=metrics["n_users"], ndcg10=round(metrics["NDCG@10"], 6))]
+    return [_row(a, "eval_full_ranking", "video", impl, secs, cpu_seconds=round(statistics.median(cpu), 4), users_per_s=round(metrics["n_users"] / secs, 1), n_users=metrics["n_users"], ndcg10=round(metrics["NDCG@10"], 6))]
 
 
 def _row(a, what: str, shape: str, impl: str, seconds: float, **extra) -> dict[str, Any]:
@@ -219,12 +234,12 @@ def _row(a, what: str, shape: str, impl: str, seconds: float, **extra) -> dict[s
 def _rows(a, what: str, shape: str, secs: dict[str, float], per_call: int, unit: str) -> list[dict[str, Any]]:
     rows = []
     for impl, s in secs.items():
-        row = _row(a, what, shape, impl, s, **{unit: round(per_call / s, 1)})
+        row = _row(a, what, shape, impl, s, cpu_seconds=round(CPU_SECONDS.get(impl, float("nan")), 4), **{unit: round(per_call / s, 1)})
         if impl == "fast":
-            if "official" in secs:
-                row["vs_official"] = round(secs["official"] / s, 3)
-            if "reference" in secs:
-                row["vs_reference"] = round(secs["reference"] / s, 3)
+            for other in ("official", "reference"):
+                if other in secs:
+                    row[f"vs_{other}"] = round(secs[other] / s, 3)
+                    row[f"vs_{other}_cpu"] = round(CPU_SECONDS[other] / CPU_SECONDS[impl], 3)
         rows.append(row)
     return rows
 
@@ -260,7 +275,7 @@ def main() -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--root", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    a.warmup, a.reps, a.meta_reps, a.eval_reps = (1, 3, 2, 1) if a.quick else (2, 10, 6, 2)
+    a.warmup, a.reps, a.meta_reps, a.eval_reps = (1, 3, 2, 1) if a.quick else (1, 5, 3, 1)
     a.tmp = str(REPO / ".cache" / "speed_runs")
 
     if a.worker:  # one row group in this (fresh) process
@@ -304,6 +319,7 @@ NOTES = [
     "`seconds`: median per call; `sequences_per_s`: training sequences per second (joint step and meta iteration: n tasks x (source + target) batches counted as n x 128);",
     "`vs_official` / `vs_reference`: throughput of the fast path over the other implementation, measured interleaved in the same process;",
     "`vs_joint_step`: meta-iteration time over the joint-step time on the same batches; `load`: 1-minute load average before -> after the group (the machine is shared).",
+    "`cpu_seconds`: median process CPU time per call; `*_cpu` ratios use it. On an oversubscribed machine wall time stretches with the load and CPU time much less, so the `_cpu` ratios are the steadier comparison.",
 ]
 
 
