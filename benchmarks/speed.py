@@ -44,7 +44,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, header, prepare_shared_data, write_results  # noqa: E402
+from common import REPO, RESULTS, header, prepare_shared_data, write_results  # noqa: E402
 
 from metarec import fastpath  # noqa: E402
 from metarec.config import config_from_dict  # noqa: E402
@@ -272,6 +272,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="few repetitions, no result files; rows as JSON lines on stdout")
     ap.add_argument("--official", default=None, help="folder holding the official LRURec model/lru.py (e.g. /tmp/lrurec)")
     ap.add_argument("--groups", nargs="+", default=None, choices=sorted(GROUPS), help="run only these row groups")
+    ap.add_argument("--merge", action="store_true", help="replace only the rows of the groups run in the existing results")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--root", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -312,7 +313,16 @@ def main() -> None:
         return
     meta = header("Speed: training steps, meta iteration, full-ranking evaluation", f"{a.threads} threads, {a.reps} interleaved repetitions per train-step row ({a.meta_reps} for the reference config), {a.eval_reps} evaluations")
     meta["official"] = "official LRURec model/lru.py (github.com/yueqirex/LRURec), imported at run time" if a.official else None
-    write_results(f"speed_{a.device}" if a.device != "cpu" else "speed", meta, rows, notes=NOTES)
+    name = f"speed_{a.device}" if a.device != "cpu" else "speed"
+    if a.merge and (RESULTS / f"{name}.json").exists():
+        key = lambda r: (r["device"], r["what"], r["shape"], r["impl"])  # noqa: E731
+        new = {key(r) for r in rows}
+        old = [r for r in json.loads((RESULTS / f"{name}.json").read_text()) if key(r) not in new]
+        rows = old + rows
+        order = [w for w in ("lru_train_step", "sasrec_train_step", "target_only_step", "joint_step", "metarec_iteration", "eval_full_ranking")]
+        rows.sort(key=lambda r: order.index(r["what"]) if r["what"] in order else len(order))
+        meta["command"] += " (merged into an earlier run's rows: see each row's load)"
+    write_results(name, meta, rows, notes=NOTES)
 
 
 NOTES = [

@@ -63,13 +63,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = h.new_zeros(())
         for start in range(0, n, rows):
             h_blk = h[start : start + rows]
-            logits = torch.addmm(bias, h_blk, weight.t())
-            lse = torch.logsumexp(logits, dim=1)
-            idx = torch.arange(logits.shape[0], device=h.device)
+            log_probs = torch.log_softmax(torch.addmm(bias, h_blk, weight.t()), dim=1)  # one fused kernel
+            idx = torch.arange(log_probs.shape[0], device=h.device)
             lab = labels[start : start + rows]
-            total += (lse - logits[idx, lab]).sum()
+            total -= log_probs[idx, lab].sum()
             if need:
-                probs = logits.sub_(lse.unsqueeze(1)).exp_()
+                probs = log_probs.exp_()
                 probs[idx, lab] -= 1.0
                 torch.mm(probs, weight, out=grad_h[start : start + rows])
                 grad_w.addmm_(probs.t(), h_blk)
