@@ -315,12 +315,12 @@ def main() -> None:
     meta["official"] = "official LRURec model/lru.py (github.com/yueqirex/LRURec), imported at run time" if a.official else None
     name = f"speed_{a.device}" if a.device != "cpu" else "speed"
     if a.merge and (RESULTS / f"{name}.json").exists():
-        key = lambda r: (r["device"], r["what"], r["shape"], r["impl"])  # noqa: E731
+        key = lambda r: (r["device"], r["what"], r["shape"], r["impl"], r["threads"])  # noqa: E731
         new = {key(r) for r in rows}
         old = [r for r in json.loads((RESULTS / f"{name}.json").read_text()) if key(r) not in new]
         rows = old + rows
         order = [w for w in ("lru_train_step", "sasrec_train_step", "target_only_step", "joint_step", "metarec_iteration", "eval_full_ranking")]
-        rows.sort(key=lambda r: order.index(r["what"]) if r["what"] in order else len(order))
+        rows.sort(key=lambda r: (order.index(r["what"]) if r["what"] in order else len(order), -r["threads"]))
         meta["command"] += " (merged into an earlier run's rows: see each row's load)"
     write_results(name, meta, rows, notes=NOTES)
 
