@@ -45,7 +45,7 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None, *, overwrite: bool = False) -> torch.Tensor:
     """1-based rank of each target among the candidate items. (B,) long.
 
     scores:  (B, K+1), column 0 = padding; targets: (B,) item ids in 1..K;
@@ -60,15 +60,29 @@ def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.
     + #{candidates j != target : s_j == s_target}, i.e. the target is placed after
     every item it ties with, so a constant-score model gets the worst rank, not rank 1.
     NaN scores raise NonFiniteError (a NaN never compares higher and would look perfect).
+
+    overwrite: `scores` is scratch space; the non-candidates are overwritten with NaN
+    (which compares false with everything) so the count is one comparison and one sum
+    instead of building a candidate mask. Same ranks.
     """
     if scores.ndim != 2 or targets.shape != scores.shape[:1]:
         raise ValueError(f"expected scores (B, K+1) and targets (B,), got {tuple(scores.shape)} and {tuple(targets.shape)}")
-    if torch.isnan(scores).any():
+    # a NaN makes the sum NaN (one vectorised pass); only then is it confirmed element-wise
+    # (a sum can also be NaN from +inf + -inf, which are not NaN scores)
+    if torch.isnan(scores.sum()) and torch.isnan(scores).any():
         raise NonFiniteError("evaluation: the model produced NaN scores")
     targets = targets.to(scores.device, torch.long).unsqueeze(1)
     n_cols = scores.shape[1]
     if bool(((targets < 1) | (targets >= n_cols)).any()):
         raise ValueError(f"evaluation: target item ids must lie in 1..{n_cols - 1}")
+    if overwrite:
+        target_score = scores.gather(1, targets)
+        nan = torch.tensor(float("nan"), dtype=scores.dtype, device=scores.device)
+        scores[:, 0] = nan
+        if exclude is not None:
+            scores.scatter_(1, exclude.to(scores.device, torch.long), nan.expand(exclude.shape))
+        scores.scatter_(1, targets, nan.expand(targets.shape))
+        return 1 + (scores >= target_score).sum(dim=1, dtype=torch.int32).long()  # int32 sum: 4x faster than int64
     candidate = torch.ones_like(scores, dtype=torch.bool)
     candidate[:, 0] = False
     if exclude is not None:
@@ -105,6 +119,7 @@ def evaluate(
     exclude_history: bool = True,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    length_buckets: bool = False,
     return_ranks: bool = False,
 ) -> dict[str, float | int] | tuple[dict[str, float | int], np.ndarray]:
     """Full-ranking metrics of `score_fn` on (history -> target) pairs.
@@ -113,7 +128,15 @@ def evaluate(
     those inputs (B, max_len) long on `device` to scores (B, K+1) and runs under
     `torch.no_grad`. With `exclude_history` the items of the input window are not
     ranked (see `rank_of_targets`). Returns `metrics_from_ranks` plus "n_users", and
-    with `return_ranks` also each user's rank, (metrics, ranks (n_users,) int64).
+    with `return_ranks` also each user's rank, (metrics, ranks (n_users,) int64), in the
+    order of `targets`.
+
+    length_buckets (used when fast paths are on, `metarec.fastpath`): users are
+    processed sorted by history length, each chunk's inputs cut to its longest
+    history (columns that are padding for every user of the chunk are dropped, so
+    `score_fn` gets (B, <= max_len)), and the scores it returns are overwritten while
+    ranking. For encoders whose real positions never see padding (all of ours) the
+    scores are the same up to float rounding; metrics do not depend on user order.
     """
     targets = np.asarray(targets, dtype=np.int64)
     if len(histories) != len(targets):
@@ -121,15 +144,27 @@ def evaluate(
     if batch_size < 1 or max_len < 1:
         raise ValueError("evaluation: batch_size and max_len must be positive")
     ranks = []
+    order = None
+    if length_buckets and len(targets):
+        lengths = np.fromiter((min(len(h), max_len) for h in histories), dtype=np.int64, count=len(histories))
+        order = np.argsort(lengths, kind="stable")
     starts = range(0, len(targets), batch_size)
     for start in tqdm(starts, total=math.ceil(len(targets) / batch_size), desc="evaluate", unit="batch", disable=not progress):
         stop = start + batch_size
-        inputs = torch.from_numpy(left_pad(histories[start:stop], max_len)).to(device)
+        if order is None:
+            chunk_histories, chunk_targets, width = histories[start:stop], targets[start:stop], max_len
+        else:
+            idx = order[start:stop]
+            chunk_histories, chunk_targets = [histories[i] for i in idx], targets[idx]
+            width = max(1, int(lengths[idx].max()))
+        inputs = torch.from_numpy(left_pad(chunk_histories, width)).to(device)
         with torch.no_grad():
             scores = score_fn(inputs)
-            ranks.append(rank_of_targets(scores, torch.from_numpy(targets[start:stop]), inputs if exclude_history else None).cpu())
+            ranks.append(rank_of_targets(scores, torch.from_numpy(chunk_targets), inputs if exclude_history else None, overwrite=order is not None).cpu())
             del scores
             release_freed_memory()
+    if order is not None:
+        ranks = [torch.empty(len(targets), dtype=torch.long).index_copy_(0, torch.from_numpy(order), torch.cat(ranks))]
     metrics: dict[str, float | int] = dict(metrics_from_ranks(torch.cat(ranks) if ranks else torch.empty(0)))
     metrics["n_users"] = len(targets)
     if return_ranks:

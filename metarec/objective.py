@@ -15,9 +15,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
+from metarec import fastpath
 from metarec.vq import quantize
+
+# Rows of h per block of the fused cross-entropy: a (rows x K) logits block of ~2M
+# floats (8 MiB) stays in the last-level cache while it is turned into its gradient.
+_CE_BLOCK_ELEMENTS = 2**21
 
 
 @dataclass
@@ -34,6 +40,61 @@ def encoder_params(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def encode(model, params: dict[str, torch.Tensor], emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Run the shared encoder f_m with the given parameters: (B, L, d) -> (B, L, d)."""
     return functional_call(model.encoder, encoder_params(params), (emb, mask))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean_n CE(h_n Wᵀ + b, y_n) with its gradient computed in the forward pass.
+
+    The logits are produced block by block of rows; while a block is in cache it is
+    turned into softmax − onehot and multiplied into the gradients of h, W and b, so
+    the (N x K) logits are never stored and the backward pass is three scalings.
+    Once differentiable: a `create_graph=True` backward through it raises, so the
+    second-order inner loop must use the reference path (`fused_ce=False`).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels):
+        n = h.shape[0]
+        need = any(ctx.needs_input_grad[:3])
+        rows = max(64, min(1024, _CE_BLOCK_ELEMENTS // max(1, weight.shape[0])))
+        grad_h = torch.empty_like(h) if need else None
+        grad_w = torch.zeros_like(weight) if need else None
+        grad_b = torch.zeros_like(bias) if need else None
+        total = h.new_zeros(())
+        for start in range(0, n, rows):
+            h_blk = h[start : start + rows]
+            log_probs = torch.log_softmax(torch.addmm(bias, h_blk, weight.t()), dim=1)  # one fused kernel
+            idx = torch.arange(log_probs.shape[0], device=h.device)
+            lab = labels[start : start + rows]
+            total -= log_probs[idx, lab].sum()
+            if need:
+                probs = log_probs.exp_()
+                probs[idx, lab] -= 1.0
+                torch.mm(probs, weight, out=grad_h[start : start + rows])
+                grad_w.addmm_(probs.t(), h_blk)
+                grad_b += probs.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.n = n
+        return total / n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_out / ctx.n
+        out = [None if g is None or not need else g * scale for g, need in zip((grad_h, grad_w, grad_b), ctx.needs_input_grad[:3])]
+        return out[0], out[1], out[2], None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, *, fused: bool = True) -> torch.Tensor:
+    """F.cross_entropy(h @ weight.T + bias, labels) (mean over rows).
+
+    fused (and fast paths on): `_LinearCrossEntropy`, first-order only; otherwise the
+    reference expression, which is twice differentiable.
+    """
+    if fused and fastpath.enabled() and torch.is_grad_enabled() and h.shape[0] > 0:
+        return _LinearCrossEntropy.apply(h, weight, bias, labels)
+    return F.cross_entropy(h @ weight.T + bias, labels)
 
 
 def _lookup(sorted_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -55,12 +116,16 @@ def domain_loss(
     vq_chunk_size: int = 4096,
     negatives: int = 0,
     generator: torch.Generator | None = None,
+    fused_ce: bool = False,
 ) -> LossParts:
     """Cross-entropy at every non-padding position (+ weighted L_vq for a quantized source).
 
     inputs, labels: (B, L) item ids, 0 = padding; labels[b, t] is the item after inputs[b, :t+1].
     negatives > 0: sampled softmax over the batch's positives plus `negatives` uniform
     negatives (DESIGN §2), instead of all K_d items.
+    fused_ce: compute the output layer's cross-entropy with `linear_cross_entropy`'s
+    fused kernel; only for losses that are differentiated once (not the second-order
+    inner loop). Same value and gradient up to float rounding.
     """
     table = params[f"items.{domain}"]
     bias = params[f"bias.{domain}"]
@@ -88,14 +153,14 @@ def domain_loss(
     else:
         emb = table[inputs]
         loss_vq = zero
-        out_matrix = table[out_ids]
+        out_matrix = table[1:] if negatives <= 0 else table[out_ids]  # full softmax: a view, not a gather
 
     emb = emb * mask.unsqueeze(-1).to(emb.dtype)
     hidden = encode(model, params, emb, mask)
     h = hidden[pos]  # (N, d)
-    logits = h @ out_matrix.T + bias[out_ids]
-    label_idx = _lookup(out_ids, labels[pos])
-    rec = F.cross_entropy(logits, label_idx)
+    out_bias = bias[1:] if negatives <= 0 else bias[out_ids]
+    label_idx = labels[pos] - 1 if negatives <= 0 else _lookup(out_ids, labels[pos])
+    rec = linear_cross_entropy(h, out_matrix, out_bias, label_idx, fused=fused_ce)
     total = rec + vq_weight * loss_vq if quantized else rec
     return LossParts(total=total, rec=rec, vq=loss_vq)
 
@@ -107,4 +172,6 @@ def last_position_scores(model, params: dict[str, torch.Tensor], domain: str, in
     mask = inputs > 0
     emb = table[inputs] * mask.unsqueeze(-1).to(table.dtype)
     hidden = encode(model, params, emb, mask)[:, -1]
+    if fastpath.enabled():
+        return torch.addmm(bias, hidden, table.T)  # one pass over the (B, K+1) scores
     return hidden @ table.T + bias

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from metarec import fs
+from metarec import fastpath, fs
 from metarec.checkpoint import (
     check_optimizer_state,
     latest_checkpoint,
@@ -140,6 +140,7 @@ def target_metrics(problem: Problem, split: str) -> dict[str, float]:
             cfg.data.max_len,
             batch_size=cfg.train.eval_batch_size,
             exclude_history=cfg.train.eval_exclude_history,
+            length_buckets=fastpath.enabled(),
         )
     finally:
         model.train(was_training)
@@ -174,7 +175,18 @@ class RunState:
             raise ValueError(f"run.step {self.step} does not match the {len(self.history)} history rows")
 
 
-def _check_finite(model: torch.nn.Module, loss: torch.Tensor, step: int) -> None:
+def _check_finite(model: torch.nn.Module, loss: torch.Tensor, step: int, total_norm: torch.Tensor | None = None) -> None:
+    """Raise NonFiniteError if the loss or any gradient holds a NaN or an infinity.
+
+    One host sync for the whole step: the gradients' total norm is finite exactly when
+    every gradient is (barring an overflow of the norm itself); only when the check fails
+    are the tensors examined one by one to name the culprit.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if total_norm is None:
+        total_norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
+    if bool(torch.isfinite(loss) & torch.isfinite(total_norm)):
+        return
     if not torch.isfinite(loss):
         raise NonFiniteError(f"iteration {step}: loss is {loss.item()}")
     for name, p in model.named_parameters():
@@ -223,10 +235,10 @@ class Trainer:
         windows = self.problem.windows[self.problem.target]
         inputs, labels = windows.batch(windows.sample_rows(self.target_rng, self.cfg.train.batch_size))
         params = dict(self.model.named_parameters())
-        parts = domain_loss(self.model, params, self.problem.target, inputs.to(self.problem.device), labels.to(self.problem.device), target=self.problem.target)
+        parts = domain_loss(self.model, params, self.problem.target, inputs.to(self.problem.device), labels.to(self.problem.device), target=self.problem.target, fused_ce=True)
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
-        return self._finish_step(parts.total, step, {"target_loss": parts.rec.item()})
+        return self._finish_step(parts.total, step, {"target_loss": parts.rec.detach()})
 
     def _joint_step(self, step: int) -> dict[str, float]:
         specs = self.sampler.sample(step)
@@ -236,12 +248,18 @@ class Trainer:
         loss.backward()
         return self._finish_step(loss, step, stats)
 
-    def _finish_step(self, loss: torch.Tensor, step: int, stats: dict[str, float]) -> dict[str, float]:
-        _check_finite(self.model, loss, step)
-        if self.cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+    def _finish_step(self, loss: torch.Tensor, step: int, stats: dict[str, Any]) -> dict[str, float]:
+        """Check, clip (`train.grad_clip`), step; tensor stats come to the host in one transfer."""
+        with_grad = [p for p in self.model.parameters() if p.grad is not None]
+        # = clip_grad_norm_ split in two, so the norm also serves the finiteness check
+        total_norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad]) if with_grad else loss.new_zeros(())
+        _check_finite(self.model, loss, step, total_norm)
+        if self.cfg.train.grad_clip and with_grad:
+            torch.nn.utils.clip_grads_with_norm_(with_grad, self.cfg.train.grad_clip, total_norm)
         self.optimizer.step()
-        return {"loss": loss.item(), **stats}
+        keys = [k for k, v in stats.items() if isinstance(v, torch.Tensor)]
+        loss_value, *values = torch.stack([loss.detach(), *(stats[k] for k in keys)]).cpu().tolist()
+        return {"loss": loss_value, **stats, **dict(zip(keys, values))}
 
     def _meta_step(self, step: int) -> dict[str, Any]:
         specs = self.sampler.sample(step)

@@ -12,6 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from metarec import fastpath
+
+_SIMS_BLOCK_ELEMENTS = 2**22
+
 
 @torch.no_grad()
 def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, heads: int, chunk_size: int = 4096) -> torch.Tensor:
@@ -28,6 +32,16 @@ def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, heads: int, chunk_siz
     zh = F.normalize(z.reshape(n, heads, w), dim=-1)
     ch = F.normalize(codebook.reshape(-1, heads, w), dim=-1).transpose(0, 1)  # (H, K, w)
     out = torch.empty(n, heads, dtype=torch.long, device=z.device)
+    if fastpath.enabled():
+        # per head, one (rows x w) @ (w x K) matmul + argmax per block of rows, the
+        # block sized so its (rows x K) similarities stay cache-resident
+        ch_t = ch.transpose(1, 2).contiguous()  # (H, w, K)
+        rows = min(chunk_size, max(64, _SIMS_BLOCK_ELEMENTS // max(1, ch_t.shape[2])))
+        for h in range(heads):
+            zh_h = zh[:, h]
+            for start in range(0, n, rows):
+                out[start : start + rows, h] = torch.mm(zh_h[start : start + rows], ch_t[h]).argmax(dim=-1)
+        return out
     for start in range(0, n, chunk_size):
         part = zh[start : start + chunk_size].transpose(0, 1)  # (H, c, w)
         sims = torch.bmm(part, ch.transpose(1, 2))  # (H, c, K)

@@ -33,8 +33,8 @@ def joint_loss(
         src_inputs, src_labels = (t.to(device) for t in ctx.windows[spec.source].batch(spec.source_rows))
         tgt_inputs, tgt_labels = (t.to(device) for t in ctx.windows[ctx.target].batch(spec.target_rows))
         with seeded_rng(spec.seed, device):
-            source = domain_loss(model, params, spec.source, src_inputs, src_labels, target=ctx.target, **options)
-            target = domain_loss(model, params, ctx.target, tgt_inputs, tgt_labels, target=ctx.target)
+            source = domain_loss(model, params, spec.source, src_inputs, src_labels, target=ctx.target, fused_ce=True, **options)
+            target = domain_loss(model, params, ctx.target, tgt_inputs, tgt_labels, target=ctx.target, fused_ce=True)
         terms.append(source.total + target.total)
         src.append(source.rec.detach())
         vq.append(source.vq.detach())

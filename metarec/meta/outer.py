@@ -7,6 +7,7 @@ source-only tables keep what their inner loops learned.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -26,13 +27,20 @@ def _clip_check_step(params: dict[str, nn.Parameter], optimizer: torch.optim.Opt
     first tensor (by name) whose gradient holds a NaN or an infinity.
     """
     with_grad = {n: p for n, p in params.items() if p.grad is not None}
-    bad = nonfinite_tensors({n: p.grad for n, p in with_grad.items()})
-    if bad:
-        raise NonFiniteError(f"non-finite meta gradient for tensor {bad[0]} at iteration {iteration}" + (f" (also: {', '.join(bad[1:])})" if bad[1:] else ""))
+    grads = [p.grad for p in with_grad.values()]
+    # = clip_grad_norm_ split in two: the total norm doubles as the finiteness check
+    # (one host sync); only a non-finite norm sends us looking for the culprit
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    norm_value = float(norm)
+    if not math.isfinite(norm_value):
+        bad = nonfinite_tensors({n: p.grad for n, p in with_grad.items()})
+        if bad:
+            raise NonFiniteError(f"non-finite meta gradient for tensor {bad[0]} at iteration {iteration}" + (f" (also: {', '.join(bad[1:])})" if bad[1:] else ""))
     max_norm = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(list(with_grad.values()), max_norm) if with_grad else torch.zeros(())
+    if grads and math.isfinite(max_norm):  # with no limit the scale is exactly 1
+        torch.nn.utils.clip_grads_with_norm_(list(with_grad.values()), max_norm, norm)
     optimizer.step()
-    return float(norm)
+    return norm_value
 
 
 def _keep_inner_changes(

@@ -144,22 +144,27 @@ def run_task(params: dict[str, torch.Tensor], task: TaskSpec, ctx: TaskContext) 
     inner_parts: list[LossParts] = []
 
     def source_loss(m: nn.Module, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = domain_loss(m, p, task.source, src_inputs, src_labels, target=ctx.target, **options)
+        # the second-order inner loop differentiates this loss twice: reference CE there
+        parts = domain_loss(m, p, task.source, src_inputs, src_labels, target=ctx.target, fused_ce=cfg.meta.first_order, **options)
         inner_parts.append(parts)
         return parts.total
 
     with seeded_rng(task.seed, device):
         phi = inner_loop(model, theta, source_loss, cfg.meta.inner_steps, cfg.meta.inner_lr, cfg.meta.first_order)
-        target = domain_loss(model, phi, ctx.target, tgt_inputs, tgt_labels, target=ctx.target)
+        target = domain_loss(model, phi, ctx.target, tgt_inputs, tgt_labels, target=ctx.target, fused_ce=True)
         first = inner_parts[0]
         values = [first.rec, first.vq, *(p.total for p in inner_parts), target.total]
-        first_rec, first_vq, *losses = torch.stack([v.detach() for v in values]).cpu().tolist()
+        # the losses come to the host once, after the backward pass has been queued
+        # (no device sync between the forward and the backward); a non-finite loss
+        # still raises before any result leaves the task
+        loss_values = torch.stack([v.detach() for v in values])
+        names = list(theta)
+        grads = torch.autograd.grad(target.total, [theta[n] for n in names], allow_unused=True)
+        first_rec, first_vq, *losses = loss_values.cpu().tolist()
         if not all(math.isfinite(v) for v in losses[:-1]):
             _raise_nonfinite_loss("source loss", task, theta, "parameters")
         if not math.isfinite(losses[-1]):
             _raise_nonfinite_loss("target loss", task, {**theta, **phi}, "parameters or inner-loop values")
-        names = list(theta)
-        grads = torch.autograd.grad(target.total, [theta[n] for n in names], allow_unused=True)
 
     meta_grad = dict(zip(names, grads))
     directions = {n: None if phi[n] is theta[n] else descent_direction(theta[n], phi[n], cfg.rescale.direction) for n in names}
