@@ -38,10 +38,11 @@ def cpu_time_warning(cfg: Config, config_path: str | None = None) -> str | None:
     """One line if the run trains on CPU and its projected time is over an hour, else None.
 
     Suggests `<config>_cpu.yaml` when one lies next to `config_path`."""
-    from metarec.train import resolve_device
+    import torch
 
-    if resolve_device(cfg.train.device).type != "cpu":
-        return None
+    device = cfg.train.device
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return None  # a GPU run (whether this machine has the GPU is checked when the run starts)
     seconds = projected_cpu_seconds(cfg)
     if seconds <= WARN_ABOVE_S:
         return None
