@@ -29,7 +29,6 @@ for the bootstrap) go to benchmarks/results/NAME_runs/.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -42,43 +41,16 @@ import numpy as np
 import torch
 import yaml
 from common import RESULTS, header, machine, prepare_shared_data
+from transfer import METHODS as TRANSFER_METHODS
+from transfer import merge
+
+from tune.space import set_dotted
 
 DEFAULT_SOURCES = ["amazon-beauty", "amazon-sports", "yelp", "movielens-1m"]
 
-# Method = overrides on the base config. Tuned baselines add their searched overrides
-# from NAME_tuned.json (written by `search`).
-METHODS: dict[str, dict] = {
-    "lru_target_only": {"data": {"sources": []}},
-    "sasrec_target_only": {"data": {"sources": []}, "model": {"backbone": "sasrec"}},
-    "lru_target_only_nx_batch": {"data": {"sources": []}, "train": {"batch_size": 128 * 3}},
-    "joint": {"meta": {"enabled": False}},
-    "metarec": {},
-    "metarec_single_head": {"vq": {"heads": 1}},
-    "metarec_no_vq": {"vq": {"enabled": False}},
-    "metarec_no_rescale": {"rescale": {"enabled": False}},
-}
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def dotted(overrides: dict[str, object]) -> dict:
-    """{"a.b": v} -> {"a": {"b": v}}."""
-    out: dict = {}
-    for key, value in overrides.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
+# Method = overrides on the base config: transfer.py's methods (the paper-literal sign is
+# left out). Tuned methods (METHOD_tuned) come from NAME_tuned.json (tune_converge.py).
+METHODS: dict[str, dict] = {k: v for k, v in TRANSFER_METHODS.items() if k != "metarec_paper_literal"}
 
 
 def base_config(args, root: str, target: str, users: int | None, seed: int) -> dict:
@@ -106,7 +78,9 @@ def method_config(args, root, target, users, seed, method, tuned) -> tuple[dict,
     base, over = (tuned[name]["base"], dict(tuned[name]["overrides"])) if name in tuned else (name, {})
     over.update({k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs)})
     raw = merge(base_config(args, root, target, users, seed), METHODS[base])
-    return merge(raw, dotted(over)), over
+    for key, value in over.items():
+        set_dotted(raw, key, value)
+    return raw, over
 
 
 # ------------------------------------------------------------------ one run
