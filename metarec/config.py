@@ -105,6 +105,9 @@ class RescaleConfig(_Section):
 
 
 class RayConfig(_Section):
+    mode: Literal["driver", "collective"] = Field(
+        "driver", description="MetaRec on Ray: the driver combines the gradients (driver), or the workers all-reduce them (collective)"
+    )
     num_workers: int = Field(2, ge=1, le=100_000)
     gpus_per_worker: float = Field(0.0, ge=0)
     cpus_per_worker: float = Field(1.0, gt=0)

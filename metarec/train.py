@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from metarec import fastpath, fs
 from metarec.checkpoint import (
+    Checkpoint,
     check_optimizer_state,
     latest_checkpoint,
     load_checkpoint,
@@ -233,7 +234,7 @@ class Trainer:
 
     def _target_only_step(self, step: int) -> dict[str, float]:
         windows = self.problem.windows[self.problem.target]
-        inputs, labels = windows.batch(windows.sample_rows(self.target_rng, self.cfg.train.batch_size))
+        inputs, labels = windows.batch(self._data_shard(windows.sample_rows(self.target_rng, self.cfg.train.batch_size)))
         params = dict(self.model.named_parameters())
         parts = domain_loss(self.model, params, self.problem.target, inputs.to(self.problem.device), labels.to(self.problem.device), target=self.problem.target, fused_ce=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -241,7 +242,8 @@ class Trainer:
         return self._finish_step(parts.total, step, {"target_loss": parts.rec.detach()})
 
     def _joint_step(self, step: int) -> dict[str, float]:
-        specs = self.sampler.sample(step)
+        specs = [replace(s, source_rows=self._data_shard(s.source_rows), target_rows=self._data_shard(s.target_rows))
+                 for s in self.sampler.sample(step)]
         params = dict(self.model.named_parameters())
         loss, stats = joint_loss(self.model, params, specs, self.problem.task_context())
         self.optimizer.zero_grad(set_to_none=True)
@@ -250,6 +252,7 @@ class Trainer:
 
     def _finish_step(self, loss: torch.Tensor, step: int, stats: dict[str, Any]) -> dict[str, float]:
         """Check, clip (`train.grad_clip`), step; tensor stats come to the host in one transfer."""
+        self._sync_grads()
         with_grad = [p for p in self.model.parameters() if p.grad is not None]
         # = clip_grad_norm_ split in two, so the norm also serves the finiteness check
         total_norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad]) if with_grad else loss.new_zeros(())
@@ -267,7 +270,19 @@ class Trainer:
         results = self.runner.run_tasks(theta, specs)
         self.optimizer.zero_grad(set_to_none=True)
         params = dict(self.model.named_parameters())
-        return apply_meta_update(params, self.optimizer, results, self.cfg, step)
+        return apply_meta_update(params, self.optimizer, results, self.cfg, step, reduce=getattr(self.runner, "reduce", None))
+
+    # Data-parallel hooks (metarec.runners.ray_train overrides them; here: one process, all data)
+
+    def _data_shard(self, rows: np.ndarray) -> np.ndarray:
+        """This process's share of a batch's rows."""
+        return rows
+
+    def _sync_grads(self) -> None:
+        """Average the gradients over the data-parallel processes (before clip and step)."""
+
+    def _after_step(self, row: dict[str, Any]) -> None:
+        """Called after every step's history row (and checkpoint) is written."""
 
     def step(self, step: int) -> dict[str, Any]:
         self.model.train()
@@ -285,16 +300,22 @@ class Trainer:
     def save(self, tag: str, with_optimizer: bool) -> None:
         save_checkpoint(f"{self.out}/checkpoints/{tag}", self.model, self.optimizer if with_optimizer else None, self._state_payload())
 
-    def resume(self) -> bool:
-        root = f"{self.out}/checkpoints"
+    def resume(self, root: str | None = None) -> bool:
+        """Restore the newest complete step checkpoint under `root` (default: this run's); False if none."""
+        root = root or f"{self.out}/checkpoints"
         ckpt = latest_checkpoint(root)
         if ckpt is None:
             if step_checkpoints(root):
                 raise CheckpointError(f"{root}: every step checkpoint is torn or unreadable; nothing to resume from")
             return False
-        restore_model(self.model, ckpt.params, self.out)
+        self.restore(ckpt, root)
+        return True
+
+    def restore(self, ckpt: Checkpoint, root: str) -> None:
+        """Parameters, optimizer, sampler, RNGs and counters from a step checkpoint (`root` names it in errors)."""
+        restore_model(self.model, ckpt.params, root)
         if ckpt.optimizer is None:
-            raise CheckpointError(f"{self.out}: step checkpoint has no optimizer state")
+            raise CheckpointError(f"{root}: step checkpoint has no optimizer state")
         check_optimizer_state(ckpt.optimizer, self.model, self.optimizer, root)
         try:
             missing = set(RunState.__dataclass_fields__) - set(ckpt.state["run"])
@@ -310,7 +331,6 @@ class Trainer:
         if ckpt.torch_rng is not None:
             torch.set_rng_state(ckpt.torch_rng)
         self.state = run
-        return True
 
     def _write_history(self) -> None:
         lines = "".join(json.dumps(r) + "\n" for r in self.state.history)
@@ -362,6 +382,7 @@ class Trainer:
                 prune_checkpoints(f"{self.out}/checkpoints", cfg.train.keep_checkpoints)
             if "val" in row and self.on_eval is not None:
                 self.on_eval(row, self)
+            self._after_step(row)
             if stop:
                 _log(f"early stop at step {step + 1}: no improvement in {cfg.train.patience} evaluations")
                 break

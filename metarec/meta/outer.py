@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -43,18 +43,22 @@ def _clip_check_step(params: dict[str, nn.Parameter], optimizer: torch.optim.Opt
     return norm_value
 
 
-def _keep_inner_changes(
-    params: dict[str, nn.Parameter], results: list[TaskResult], weights: dict[str, dict[int, float]], cfg: Config
-) -> None:
-    """After the outer step, let tensors keep what the inner loops learned (in place).
+def inner_changes(results: list[TaskResult], weights: dict[str, dict[int, float]], cfg: Config) -> dict[str, torch.Tensor]:
+    """What the tensors keep of the inner loops after the outer step: {name: change to add}.
 
     Source-only tensors (`meta.source_params: persist_inner`) move by the mean, over the
     tasks of their source, of φ_i − θ. Shared tensors (`meta.persist_shared` = λ > 0)
     move by λ Σ_i w_i^p (φ_i^p − θ^p) with the rescaling weights w^p of the outer step,
     so the similarity weights also decide how much of each source's own step θ keeps.
+    A linear sum over the tasks that carry a `source_delta`: given all results with
+    their deltas it is the whole change; the collective runner sums the partial
+    changes of its workers (metarec.runners.collective).
     """
+    tasks_of: dict[str, int] = defaultdict(int)
+    for r in results:
+        tasks_of[r.source] += 1
     own_deltas: dict[str, list[torch.Tensor]] = defaultdict(list)
-    shared: dict[str, torch.Tensor] = {}
+    changes: dict[str, torch.Tensor] = {}
     for pos, r in enumerate(results):
         own = set(source_only_names(r.source))
         for name, delta in r.source_delta.items():
@@ -62,13 +66,17 @@ def _keep_inner_changes(
                 own_deltas[name].append(delta)
             elif cfg.meta.persist_shared > 0 and pos in weights.get(name, {}):
                 part = delta * (cfg.meta.persist_shared * weights[name][pos])
-                shared[name] = part if name not in shared else shared[name] + part
+                changes[name] = part if name not in changes else changes[name] + part
+    if cfg.meta.source_params == "persist_inner":
+        for name, parts in own_deltas.items():
+            count = tasks_of[name.split(".", 1)[1]]
+            changes[name] = parts[0] / count if len(parts) == 1 else torch.stack(parts).sum(0) / count
+    return changes
+
+
+def _add_changes(params: dict[str, nn.Parameter], changes: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
-        if cfg.meta.source_params == "persist_inner":
-            for name, parts in own_deltas.items():
-                mean = parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
-                params[name].add_(mean.to(device=params[name].device, dtype=params[name].dtype))
-        for name, delta in shared.items():
+        for name, delta in changes.items():
             params[name].add_(delta.to(device=params[name].device, dtype=params[name].dtype))
 
 
@@ -89,14 +97,17 @@ def apply_meta_update(
     results: list[TaskResult],
     cfg: Config,
     iteration: int,
+    reduce: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] | None = None,
 ) -> dict[str, Any]:
     """One outer update of the live parameters from the iteration's task results.
 
     .grad of p = Σ_i w_i^p g_i^p (rescale.enabled, τ = rescale.tau; else the uniform
     mean over the tasks that touched p); tensors without any meta gradient get
     .grad = None, so the optimizer leaves them alone. Then clip, finiteness check,
-    optimizer.step(). Then `_keep_inner_changes` (source tables with
+    optimizer.step(). Then `inner_changes` (source tables with
     `meta.source_params: persist_inner`, shared tensors with `meta.persist_shared`). Results are processed in task-index order, whatever order they came in.
+    `reduce(grad, changes) -> (grad, changes)`: the collective runner's all-reduce, which
+    turns each worker's partial sums (its own tasks' tensors) into the totals.
 
     Returns {"weights": {source: mean `task_weight` of its tasks}, "grad_norm",
     "source_loss", "vq_loss", "target_loss" (means over tasks), "task_seconds" (sum)}.
@@ -111,6 +122,9 @@ def apply_meta_update(
         cfg.rescale.tau,
         cfg.rescale.enabled,
     )
+    changes = inner_changes(results, weights, cfg)
+    if reduce is not None:
+        grad, changes = reduce(grad, changes)
     unknown = sorted(grad.keys() - params.keys())
     if unknown:
         raise KeyError(f"meta gradients for tensors the model does not have: {unknown}")
@@ -119,7 +133,7 @@ def apply_meta_update(
         p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
     grad_norm = _clip_check_step(params, optimizer, cfg, iteration)
 
-    _keep_inner_changes(params, results, weights, cfg)
+    _add_changes(params, changes)
 
     by_source: dict[str, list[float]] = defaultdict(list)
     for pos, r in enumerate(results):

@@ -1,0 +1,256 @@
+"""The whole training loop on Ray Train workers: data-parallel baselines and collective MetaRec.
+
+`metarec train CONFIG --ray-train --workers N` (or `--ray` with `ray.mode: collective`)
+runs `Trainer` on N `ray.train.torch.TorchTrainer` workers that share one torch process
+group (gloo on CPU, NCCL on GPU):
+
+- target-only and joint training: every worker draws the same batch (same seeded RNG),
+  takes its rows `rank::N`, and the gradients are averaged over the workers before the
+  one clip + optimizer step, as DDP does (an explicit all-reduce, since the losses are
+  computed functionally and never call a DDP module's forward). With N = 1 this is the
+  local run, step for step;
+- MetaRec: `CollectiveRunner` (metarec.runners.collective): each worker runs its tasks,
+  the workers exchange the similarity scalars and all-reduce the weighted meta gradients,
+  and every worker applies the same outer step.
+
+Every worker holds a replica of θ and the optimizer and evaluates it (identical
+replicas, so the early-stopping decisions agree); worker 0 writes the run directory
+(config, history, `checkpoints/`, metrics.json: the local run's layout), the others a
+scratch directory. After each step every worker calls `ray.train.report` with the step's
+history row; at a step checkpoint worker 0 attaches it as a `ray.train.Checkpoint` (the
+same safetensors + JSON directory). The driver receives these metrics, never tensors.
+
+Faults: `RunConfig(failure_config=FailureConfig(max_failures=ray.max_task_retries))`. When
+a worker dies, Ray Train restarts the worker group and `ray.train.get_checkpoint()` hands
+the new workers the last reported checkpoint; resuming is bit-identical (sampler, RNG and
+optimizer state), so the run ends as an unfaulted one would. Test-only fault injection:
+the environment variable `METAREC_TEST_KILL_WORKER=ITERATION:RANK`, read by the driver,
+makes worker RANK exit in the middle of iteration ITERATION (after its own computation,
+before the collective), once: not in a restarted worker group.
+
+Loopback. On the private local Ray instance (`connect(None)`) the process group is set up
+by `LoopbackTorchConfig`: a FileStore rendezvous in a temp file (torch's TCPStore would
+listen on all interfaces) and `GLOO_SOCKET_IFNAME=lo`, so gloo's sockets bind 127.0.0.1.
+On a cluster, Ray Train's default TCP rendezvous on the head worker's node IP is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from typing import Any
+
+import ray
+import torch
+
+from metarec import fs
+from metarec.checkpoint import load_checkpoint
+from metarec.config import Config, config_from_dict
+from metarec.errors import ConfigError, MetaRecError
+from metarec.runners.collective import CollectiveRunner
+from metarec.runners.ray_runner import WorkerFailedError, connect, worker_config
+from metarec.train import Trainer
+
+KILL_ENV = "METAREC_TEST_KILL_WORKER"  # test-only fault injection (module docstring)
+
+
+# ------------------------------------------------------------------ process group
+
+
+def _loopback_torch_config():
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
+
+    class _LoopbackTorchBackend(_TorchBackend):
+        """Ray Train's torch backend with a file rendezvous and gloo on the loopback device."""
+
+        def on_start(self, worker_group, backend_config) -> None:
+            store = os.path.join(tempfile.gettempdir(), f"metarec-pg-{uuid.uuid4().hex}")
+            worker_group.execute(os.environ.__setitem__, "GLOO_SOCKET_IFNAME", "lo")
+            worker_group.execute(_set_torch_distributed_env_vars)
+            ray.get([worker_group.execute_single_async(
+                i, _setup_torch_process_group, backend="gloo", world_rank=i, world_size=len(worker_group),
+                init_method=f"file://{store}", timeout_s=backend_config.timeout_s) for i in range(len(worker_group))])
+
+    class LoopbackTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return _LoopbackTorchBackend
+
+    return LoopbackTorchConfig(backend="gloo")
+
+
+class ProcessGroupCollective:
+    """`metarec.runners.collective.Collective` on torch.distributed's default group.
+
+    Counts per call the payload bytes and the bytes a ring all-reduce sends per worker,
+    2 (W − 1) / W × payload; kills this worker at `kill_at` (test-only, module docstring).
+    """
+
+    def __init__(self, rank: int, world: int, device: torch.device, kill_at: int | None = None):
+        self.rank, self.world, self.device, self.kill_at = rank, world, device, kill_at
+        self.payload_bytes = 0
+        self.ring_bytes = 0.0
+
+    def all_reduce(self, tensor: torch.Tensor, iteration: int) -> None:
+        if self.kill_at == iteration:
+            os._exit(1)  # a worker lost mid-iteration, as on a lost node
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+        size = tensor.numel() * tensor.element_size()
+        self.payload_bytes += size
+        self.ring_bytes += 2 * (self.world - 1) / self.world * size
+
+
+# ------------------------------------------------------------------ the trainer on a worker
+
+
+class RayTrainTrainer(Trainer):
+    """`Trainer` as one of W data-parallel Ray Train workers (module docstring)."""
+
+    def __init__(self, cfg: Config, out_dir: str, run_dir: str, comm: ProcessGroupCollective, resume_run: bool):
+        self.comm = comm
+        self.run_dir = run_dir
+        self.resume_run = resume_run
+        self._last = (0, 0.0)
+        factory = None
+        if cfg.method == "metarec":
+            factory = lambda problem: CollectiveRunner(problem.task_context(), comm)  # noqa: E731
+        super().__init__(cfg, out_dir, factory)
+
+    def _data_shard(self, rows):
+        return rows[self.comm.rank:: self.comm.world]
+
+    def _sync_grads(self) -> None:
+        with_grad = [p for p in self.model.parameters() if p.grad is not None]
+        if not with_grad:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
+        self.comm.all_reduce(flat, self.state.step)
+        if self.comm.world == 1:
+            return
+        flat /= self.comm.world
+        offset = 0
+        for p in with_grad:
+            p.grad.copy_(flat[offset: offset + p.grad.numel()].view_as(p.grad))
+            offset += p.grad.numel()
+
+    def step(self, step: int) -> dict[str, Any]:
+        start, bytes_before = time.perf_counter(), self.comm.ring_bytes
+        payload_before = self.comm.payload_bytes
+        info = super().step(step)
+        info["step_seconds"] = time.perf_counter() - start
+        info["bytes_per_worker"] = self.comm.ring_bytes - bytes_before
+        info["collective_payload_bytes"] = self.comm.payload_bytes - payload_before
+        return info
+
+    def resume(self, root: str | None = None) -> bool:
+        """From Ray Train's checkpoint after a restart; else (`--resume`) from the run directory."""
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as path:
+                self.restore(load_checkpoint(path), ckpt.path)
+            return True
+        return self.resume_run and super().resume(f"{self.run_dir}/checkpoints")
+
+    def _after_step(self, row: dict[str, Any]) -> None:
+        tag = f"{self.out}/checkpoints/step-{row['step']:08d}"
+        checkpoint = None
+        if self.comm.rank == 0 and self.cfg.train.checkpoint_every and row["step"] % self.cfg.train.checkpoint_every == 0:
+            checkpoint = ray.train.Checkpoint(tag) if fs.is_uri(tag) else ray.train.Checkpoint.from_directory(tag)
+        row["bytes_to_driver"] = len(json.dumps(row)) + 32  # the report's metrics, as JSON (+ the key below)
+        ray.train.report(row, checkpoint=checkpoint)
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker."""
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    cfg = config_from_dict(loop_config["config"], "Ray Train worker config")
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    kill = loop_config.get("kill")
+    kill_at = kill[0] if kill and kill[1] == rank and ray.train.get_checkpoint() is None else None
+    scratch = None if rank == 0 else tempfile.mkdtemp(prefix=f"metarec-rank{rank}-")
+    from metarec.train import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    comm_device = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    comm = ProcessGroupCollective(rank, world, comm_device, kill_at)
+    try:
+        trainer = RayTrainTrainer(cfg, loop_config["out"] if rank == 0 else scratch, loop_config["out"], comm, loop_config["resume"])
+        trainer.fit(resume=True)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ the driver
+
+
+def _kill_request() -> tuple[int, int] | None:
+    raw = os.environ.get(KILL_ENV)
+    if not raw:
+        return None
+    try:
+        iteration, rank = (int(x) for x in raw.split(":"))
+    except ValueError:
+        raise ConfigError(f"{KILL_ENV}={raw!r}: expected ITERATION:RANK, e.g. 1:1 (test-only fault injection)") from None
+    return iteration, rank
+
+
+def storage_for(out_dir: str) -> str:
+    """Where Ray Train keeps its copies of the reported checkpoints: `OUT/ray_train`."""
+    return f"{out_dir}/ray_train" if fs.is_uri(out_dir) else os.path.abspath(os.path.join(out_dir, "ray_train"))
+
+
+def fit_with_ray_train(cfg: Config, out_dir: str, *, local: bool, resume: bool = False) -> dict[str, Any]:
+    """Run `cfg` on `cfg.ray.num_workers` Ray Train workers (connected to Ray already; `local`:
+    the private loopback instance); returns the metrics worker 0 wrote to OUT/metrics.json."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    r = cfg.ray
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
+    run_dir = out_dir if fs.is_uri(out_dir) else os.path.abspath(out_dir)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": worker_config(cfg), "out": run_dir, "resume": resume, "kill": _kill_request()},
+        torch_config=_loopback_torch_config() if local else TorchConfig(),
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage_for(out_dir),
+            failure_config=FailureConfig(max_failures=r.max_task_retries),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as err:  # noqa: BLE001 - Ray Train wraps the workers' errors; show the first one
+        _raise_worker_error(err)
+    return json.loads(fs.read_bytes(fs.join(out_dir, "metrics.json")))
+
+
+def _raise_worker_error(err: Exception) -> None:
+    failures = getattr(err, "worker_failures", None) or {}
+    for failure in failures.values():
+        cause = getattr(failure, "cause", failure)
+        if isinstance(cause, MetaRecError):
+            raise cause from None
+    first = next(iter(failures.values()), err)
+    line = (str(first).strip().splitlines() or [type(first).__name__])[-1]
+    raise WorkerFailedError(f"Ray Train run failed: {line}") from None
+
+
+def ray_train_connect(address: str | None) -> bool:
+    """Connect (or start the private loopback instance); True if it is the local instance."""
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    connect(address)
+    return local
