@@ -111,13 +111,22 @@ def _load(config_path, overrides):
 @click.option("--resume", is_flag=True, help="continue from the newest complete checkpoint in the run directory")
 @click.option("--ray", "use_ray", is_flag=True, help="run source tasks in Ray actors on a local Ray instance")
 @click.option("--ray-address", default=None, help="join a Ray cluster (auto or ADDRESS) and run source tasks there")
+@click.option("--ray-train", "use_ray_train", is_flag=True,
+              help="run the whole training loop on Ray Train workers: baselines data-parallel, MetaRec collective")
+@click.option("--workers", type=int, default=None, help="Ray workers (sets ray.num_workers; must fit the cluster)")
 @_user_errors
-def train(config_path, overrides, out_dir, resume, use_ray, ray_address):
+def train(config_path, overrides, out_dir, resume, use_ray, ray_address, use_ray_train, workers):
     """Train per CONFIG_PATH; writes config.yaml, history.jsonl, metrics.json, checkpoints/."""
     from metarec.train import train as run_training
 
     cfg = _load(config_path, overrides)
     out_dir = out_dir or f"runs/{cfg.name}"
+    if workers is not None:
+        _set_workers(cfg, workers)
+    if use_ray_train or ((use_ray or ray_address) and cfg.method == "metarec" and cfg.ray.mode == "collective"):
+        metrics = _train_on_ray_train(cfg, out_dir, resume, ray_address, exact_workers=workers is not None)
+        click.echo(json.dumps({"run_dir": out_dir, "best_step": metrics["best_step"], "test": metrics["test"]}, indent=1))
+        return
     from metarec.runtime import cpu_time_warning
 
     warning = cpu_time_warning(cfg, config_path)
@@ -134,17 +143,37 @@ def train(config_path, overrides, out_dir, resume, use_ray, ray_address):
     click.echo(json.dumps({"run_dir": out_dir, "best_step": metrics["best_step"], "test": metrics["test"]}, indent=1))
 
 
-def _fit_ray_workers(cfg, ray_address) -> None:
-    """Connect to Ray now and check that it can place the workers (metarec.runners.capacity)."""
+def _set_workers(cfg, workers: int) -> None:
+    from metarec.errors import ConfigError
+
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: the number of Ray workers must be at least 1")
+    cfg.ray.num_workers = workers
+
+
+def _train_on_ray_train(cfg, out_dir, resume, ray_address, *, exact_workers: bool) -> dict:
+    """`--ray-train` (or `ray.mode: collective`): the training loop on Ray Train workers."""
+    from metarec.run_dir import open_run
+    from metarec.runners.ray_train import fit_with_ray_train
+
+    local = _fit_ray_workers(cfg, ray_address, exact=exact_workers)
+    with open_run(out_dir, cfg, resume=resume, refuse_existing=True):
+        return fit_with_ray_train(cfg, out_dir, local=local, resume=resume)
+
+
+def _fit_ray_workers(cfg, ray_address, exact: bool = False) -> bool:
+    """Connect to Ray now and check that it can place the workers (metarec.runners.capacity);
+    `exact` (an explicit --workers): refuse rather than lower the count. True for a local Ray."""
     from metarec.runners.capacity import fit_ray_workers
     from metarec.runners.ray_runner import connect
 
     address = ray_address or os.environ.get("RAY_ADDRESS")
     connect(ray_address)
     where = f"the Ray cluster at {address}" if address else "this machine's local Ray"
-    notice = fit_ray_workers(cfg, local=not address, where=where)
+    notice = fit_ray_workers(cfg, local=not (address or exact), where=where)
     if notice:
         click.echo(notice, err=True)
+    return not address
 
 
 @cli.command()

@@ -60,3 +60,40 @@ def no_matplotlib():
         yield
     finally:
         blocker.unblock(finder, saved)
+
+
+# Ray Train helpers a private test instance does without (fewer processes to start on a small CI box)
+RAY_TRAIN_TEST_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
+}
+
+
+@pytest.fixture(scope="module")
+def private_ray(tmp_path_factory):
+    """A private local Ray instance (loopback, token auth on, HOME in a temp dir) for one
+    test module, started by `connect(None)` and shut down after the module."""
+    import ray
+
+    from metarec.runners.ray_runner import connect
+
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+            mp.delenv(var, raising=False)
+        for var, value in RAY_TRAIN_TEST_ENV.items():
+            mp.setenv(var, value)
+        ray.shutdown()
+        connect(None)
+        try:
+            yield home
+        finally:
+            ray.shutdown()
+    from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import Config as RayletConfig
+
+    RayletConfig.initialize("")  # forget the token mode of this module's instance
+    AuthenticationTokenLoader.instance().reset_cache()

@@ -119,7 +119,7 @@ class RayTrainTrainer(Trainer):
         self.comm = comm
         self.run_dir = run_dir
         self.resume_run = resume_run
-        self._last = (0, 0.0)
+        self._restarted = False
         factory = None
         if cfg.method == "metarec":
             factory = lambda problem: CollectiveRunner(problem.task_context(), comm)  # noqa: E731
@@ -149,6 +149,8 @@ class RayTrainTrainer(Trainer):
         info["step_seconds"] = time.perf_counter() - start
         info["bytes_per_worker"] = self.comm.ring_bytes - bytes_before
         info["collective_payload_bytes"] = self.comm.payload_bytes - payload_before
+        if self._restarted:  # Ray Train replaced the whole worker group before this step
+            info["worker_replacements"], self._restarted = self.comm.world, False
         return info
 
     def resume(self, root: str | None = None) -> bool:
@@ -157,6 +159,7 @@ class RayTrainTrainer(Trainer):
         if ckpt is not None:
             with ckpt.as_directory() as path:
                 self.restore(load_checkpoint(path), ckpt.path)
+            self._restarted = True
             return True
         return self.resume_run and super().resume(f"{self.run_dir}/checkpoints")
 
