@@ -168,8 +168,10 @@ class RayTrainTrainer(Trainer):
         checkpoint = None
         if self.comm.rank == 0 and self.cfg.train.checkpoint_every and row["step"] % self.cfg.train.checkpoint_every == 0:
             checkpoint = ray.train.Checkpoint(tag) if fs.is_uri(tag) else ray.train.Checkpoint.from_directory(tag)
-        row["bytes_to_driver"] = len(json.dumps(row)) + 32  # the report's metrics, as JSON (+ the key below)
+        row["bytes_to_driver"] = len(json.dumps(row)) + 32  # the report's metrics, as JSON (+ this key)
+        start = time.perf_counter()
         ray.train.report(row, checkpoint=checkpoint)
+        row["report_seconds"] = time.perf_counter() - start  # in history.jsonl, not in the report
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:

@@ -1,0 +1,236 @@
+"""Scaling past one driver: local vs driver vs collective runner, measured with 1-3 workers,
+projected to 8-64 GPU workers (issue 14).
+
+Same config and seeds for every runner, so each performs the very same tasks and update
+(the collective one up to float summation order). Per runner and worker count: warm-up
+iterations (not timed), then timed meta iterations. Reported per iteration:
+
+- seconds_per_iteration: local and driver: `Trainer.step` on the driver (sampling,
+  `run_tasks`, outer update); collective: the workers' step (their tasks, the all-gather,
+  the all-reduce, the outer step) plus the `ray.train.report` of the step's metrics;
+- bytes_to_driver_per_iteration: driver: the task results the driver gets (meta gradients,
+  source deltas); collective: the JSON metrics row each step reports; local: 0;
+- bytes_per_worker_per_iteration: driver: θ pulled once plus the results the busiest worker
+  sends; collective: what one worker sends in a ring all-reduce of the summed buffer,
+  2 (W - 1) / W x payload, plus the same for the scalar table (0 with one worker).
+
+All workers compute with 1 torch thread. On this 2-core machine (shared with other jobs)
+2 and 3 workers contend for the cores, so seconds do not show a speedup; they show what
+each design costs besides the tasks.
+
+    python benchmarks/scale.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+from common import RESULTS, header, prepare_shared_data, write_results
+
+from metarec.config import config_from_dict
+from metarec.runners.ray_runner import RayRunner, connect, result_bytes, tensor_bytes
+from metarec.runners.ray_train import fit_with_ray_train
+from metarec.train import Trainer
+
+RING = "2 (W - 1) / W"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="amazon-video-games")
+    p.add_argument("--sources", nargs="+", default=["amazon-sports", "yelp"])
+    p.add_argument("--target-users", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tasks", type=int, default=3)
+    p.add_argument("--source-negatives", type=int, default=1024)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
+    return p.parse_args()
+
+
+def bench_config(args, root: str, mode: str, workers: int) -> dict:
+    steps = args.warmup + args.iterations
+    return {
+        "name": f"scale-{mode}-{workers}",
+        "seed": 0,
+        "data": {"root": root, "target": args.target, "sources": args.sources, "max_len": 50, "target_users": args.target_users},
+        "model": {"backbone": "lru", "hidden": 64, "blocks": 2, "dropout": 0.2},
+        "train": {"batch_size": args.batch_size, "source_negatives": args.source_negatives, "device": "cpu",
+                  "progress": False, "max_steps": steps, "eval_every": steps, "checkpoint_every": 0},
+        "meta": {"tasks_per_iter": args.tasks},
+        "ray": {"mode": mode, "num_workers": workers, "cpus_per_worker": 0.5},
+    }
+
+
+class TimedRunner:
+    """Keeps the results of the last `run_tasks` (to count the bytes each worker sent)."""
+
+    def __init__(self, inner):
+        self.inner, self.results = inner, []
+
+    def run_tasks(self, params, specs):
+        self.results = self.inner.run_tasks(params, specs)
+        return self.results
+
+    def close(self):
+        self.inner.close()
+
+
+def measure_driver(args, root: str, workers: int | None) -> dict:
+    """`workers=None`: the local runner; else the driver runner with that many actors."""
+    cfg = config_from_dict(bench_config(args, root, "driver", workers or 1), "benchmark config")
+    factory = None if workers is None else (lambda problem: RayRunner(problem.cfg))  # noqa: E731
+    trainer = Trainer(cfg, "unused", factory)
+    timed = trainer.runner = TimedRunner(trainer.runner)
+    theta = tensor_bytes(p.detach() for p in trainer.model.parameters())
+    seconds, to_driver, per_worker = [], [], []
+    try:
+        for it in range(args.warmup + args.iterations):
+            start = time.perf_counter()
+            trainer.step(it)
+            if it < args.warmup:
+                continue
+            seconds.append(time.perf_counter() - start)
+            if workers is None:
+                to_driver.append(0)
+                per_worker.append(0)
+                continue
+            sent: dict[int, int] = {}
+            for r in timed.results:
+                slot = timed.inner.last_assignment[r.index]
+                sent[slot] = sent.get(slot, 0) + result_bytes(r)
+            to_driver.append(sum(sent.values()))
+            per_worker.append(theta + max(sent.values()))
+    finally:
+        timed.close()
+    return row("local" if workers is None else "driver", workers or 1, seconds, to_driver, per_worker, theta, str(trainer.problem.device))
+
+
+def measure_collective(args, root: str, workers: int) -> dict:
+    cfg = config_from_dict(bench_config(args, root, "collective", workers), "benchmark config")
+    with tempfile.TemporaryDirectory(prefix="metarec-scale-") as out:
+        fit_with_ray_train(cfg, out, local=True)
+        with open(os.path.join(out, "history.jsonl")) as f:
+            rows = [json.loads(line) for line in f][args.warmup:]
+    theta = tensor_bytes(p.detach() for p in Trainer(cfg, "unused").model.parameters())
+    r = row("collective", workers, [x["step_seconds"] + x["report_seconds"] for x in rows],
+            [x["bytes_to_driver"] for x in rows], [x["bytes_per_worker"] for x in rows], theta, "cpu")
+    r["collective_payload_bytes"] = int(statistics.fmean(x["collective_payload_bytes"] for x in rows))
+    return r
+
+
+def row(runner: str, workers: int, seconds, to_driver, per_worker, theta: int, device: str) -> dict:
+    return {
+        "runner": runner,
+        "workers": workers,
+        "seconds_per_iteration": statistics.fmean(seconds),
+        "seconds_spread": max(seconds) - min(seconds),
+        "bytes_to_driver_per_iteration": int(statistics.fmean(to_driver)),
+        "bytes_per_worker_per_iteration": int(statistics.fmean(per_worker)),
+        "theta_bytes": theta,
+        "device": device,
+    }
+
+
+def projection(rows: list[dict], args) -> tuple[list[dict], list[str]]:
+    """Rows for 8-64 GPU workers (one task each) from the measured sizes and per-MiB cost."""
+    mib = 2**20
+    local = next(r for r in rows if r["runner"] == "local")
+    driver1 = next(r for r in rows if r["runner"] == "driver" and r["workers"] == 1)
+    coll = max((r for r in rows if r["runner"] == "collective"), key=lambda r: r["workers"])
+    theta_mib = local["theta_bytes"] / mib
+    per_task_mib = driver1["bytes_to_driver_per_iteration"] / mib / args.tasks
+    moved_mib = (driver1["bytes_to_driver_per_iteration"] + driver1["theta_bytes"]) / mib
+    measured = (driver1["seconds_per_iteration"] - local["seconds_per_iteration"]) / moved_mib
+    reference = 0.0014  # s/MiB through the driver, benchmarks/results/ray_overhead.md
+    s_per_mib = measured if measured > 0 else reference
+    buffer_mib = coll["collective_payload_bytes"] / mib  # what each step all-reduces (buffer + scalar table)
+    report_kib = coll["bytes_to_driver_per_iteration"] / 1024
+    out = []
+    for w in (8, 16, 32, 64):
+        ring_mib = 2 * (w - 1) / w * buffer_mib
+        out.append({
+            "gpu_workers": w,
+            "driver_mib_to_driver": round(w * per_task_mib, 1),
+            "driver_seconds_at_driver": round(s_per_mib * (theta_mib + w * per_task_mib), 3),
+            "collective_kib_to_driver": round(report_kib, 2),
+            "collective_mib_per_worker": round(ring_mib, 1),
+            "allreduce_seconds_10gbps": round(ring_mib * 8 / 1024 / 10, 3),
+            "allreduce_seconds_100gbps": round(ring_mib * 8 / 1024 / 100, 4),
+        })
+    notes = [
+        "## Projection: 8 to 64 GPU workers, one task per worker (n = W)",
+        "",
+        f"From the measured sizes: θ = {theta_mib:.1f} MiB; each task sends the driver runner {per_task_mib:.1f} MiB; "
+        f"the collective runner all-reduces one buffer of {buffer_mib:.1f} MiB (the summed weighted meta gradients "
+        f"and inner-loop changes; it does not grow with n once every source is sampled) and reports "
+        f"{report_kib:.2f} KiB of metrics per step. Driver cost per MiB: "
+        + (f"{1000 * measured:.2f} ms measured here (driver runner with 1 worker minus local, per MiB moved)"
+           if measured > 0 else f"the measured difference was not positive on this loaded machine, so "
+           f"{1000 * reference:.1f} ms from ray_overhead.md is used")
+        + f". The all-reduce moves {RING} x buffer per worker (ring all-reduce), in parallel on every link.",
+        "",
+        "| GPU workers | driver runner: MiB into the driver | driver runner: driver seconds | collective: KiB to the driver | "
+        "collective: MiB sent per worker | all-reduce s at 10 Gb/s | all-reduce s at 100 Gb/s |",
+        "|---|---|---|---|---|---|---|",
+        *(f"| {p['gpu_workers']} | {p['driver_mib_to_driver']} | {p['driver_seconds_at_driver']} | {p['collective_kib_to_driver']} | "
+          f"{p['collective_mib_per_worker']} | {p['allreduce_seconds_10gbps']} | {p['allreduce_seconds_100gbps']} |" for p in out),
+        "",
+        "The driver runner's driver work grows linearly with n (all n results pass through one process); the "
+        "collective runner's per-worker traffic is bounded by 2 × buffer whatever W, the driver sees only metrics, "
+        "and the scalar all-gather (n × (4 · #tensors + 4) floats) stays in the kilobytes. Each task's compute "
+        "stays flat in both. On GPUs the collective runner would use NCCL (Ray Train's default there); the "
+        "seconds above are bandwidth only (no latency terms, no overlap with compute).",
+    ]
+    return out, notes
+
+
+def main() -> None:
+    args = parse_args()
+    load = os.getloadavg()
+    torch.set_num_threads(1)
+    root = prepare_shared_data()
+    meta = header(
+        "Scaling: local vs driver vs collective runner per meta iteration",
+        f"target {args.target} ({args.target_users} users), sources {args.sources}, LRU hidden 64 × 2 blocks, "
+        f"batch {args.batch_size}, n = {args.tasks} tasks, source negatives {args.source_negatives}, "
+        f"{args.warmup} warm-up + {args.iterations} timed iterations per runner, workers {args.workers}",
+    )
+    connect(None)
+    rows = [measure_driver(args, root, None)]
+    for w in args.workers:
+        rows.append(measure_driver(args, root, w))
+        print(json.dumps(rows[-1]), flush=True)
+    for w in args.workers:
+        rows.append(measure_collective(args, root, w))
+        print(json.dumps(rows[-1]), flush=True)
+    for r in rows:
+        driver = next(d for d in rows if d["runner"] == "driver" and d["workers"] == r["workers"])
+        r["to_driver_vs_driver_runner"] = (r["bytes_to_driver_per_iteration"] / driver["bytes_to_driver_per_iteration"]
+                                           if r["runner"] != "local" else 0.0)
+    worst = max(r["to_driver_vs_driver_runner"] for r in rows if r["runner"] == "collective")
+    projected, notes = projection(rows, args)
+    notes = [
+        f"**Result**: the collective runner sends the driver at most {worst:.4%} of the driver runner's bytes per "
+        f"iteration (target ≤ 1 %: {'met' if worst <= 0.01 else 'NOT met'}). Load average when started: "
+        f"{load[0]:.1f} on {os.cpu_count()} cores (shared machine), so seconds are indicative only; every Ray worker "
+        "asks for 0.5 CPU so that 3 fit on this machine, and computes with 1 thread.",
+        "",
+        "Columns: see the docstring of benchmarks/scale.py. `to_driver_vs_driver_runner`: bytes to the driver "
+        "relative to the driver runner with as many workers.",
+        "",
+        *notes,
+    ]
+    write_results("scale", meta | {"projection": projected}, rows, notes)
+    (RESULTS / "scale.json").write_text(json.dumps({"measured": rows, "projected": projected}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

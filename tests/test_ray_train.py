@@ -1,0 +1,120 @@
+"""Baselines on Ray Train (issue 14): one worker = the local run; a killed worker is
+restored from the last checkpoint; bad `--workers` is one line, exit status 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from metarec.checkpoint import load_checkpoint
+from metarec.cli import cli
+from metarec.config import config_from_dict
+from metarec.train import train
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    from conftest import TINY_NAMES
+
+    from metarec.data.synthetic import generate_domains
+
+    return generate_domains(
+        tmp_path_factory.mktemp("prepared"), names=TINY_NAMES,
+        n_users={"src-a": 120, "src-b": 80, "target": 40}, n_items={"src-a": 60, "src-b": 48, "target": 32},
+        seq_len={"src-a": 12, "src-b": 12, "target": 6}, n_concepts=8, seed=0,
+    )
+
+
+def baseline_config(root: str, sources=(), **ray_options) -> dict:
+    return {
+        "seed": 5,
+        "data": {"root": root, "target": "target", "sources": list(sources), "max_len": 6},
+        "model": {"hidden": 16, "blocks": 1},
+        "train": {"batch_size": 8, "device": "cpu", "progress": False, "max_steps": STEPS, "eval_every": 2, "checkpoint_every": 2},
+        "vq": {"heads": 2},
+        "meta": {"enabled": False, "tasks_per_iter": 2},
+        "ray": {"cpus_per_worker": 0.5, **ray_options},
+    }
+
+
+def params_at(out: str, step: int = STEPS) -> dict[str, torch.Tensor]:
+    return load_checkpoint(f"{out}/checkpoints/step-{step:08d}").params
+
+
+def metrics_of(out: str) -> dict:
+    with open(f"{out}/metrics.json") as f:
+        return json.load(f)
+
+
+def test_one_worker_equals_the_local_run(private_ray, root, tmp_path):
+    from metarec.runners.ray_train import fit_with_ray_train
+
+    cfg = config_from_dict(baseline_config(root, num_workers=1))
+    assert cfg.method == "target_only"
+    train(cfg, str(tmp_path / "local"))
+    fit_with_ray_train(cfg, str(tmp_path / "ray"), local=True)
+    want, got = params_at(str(tmp_path / "local")), params_at(str(tmp_path / "ray"))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    local, ray_train = metrics_of(str(tmp_path / "local")), metrics_of(str(tmp_path / "ray"))
+    assert ray_train["test"] == local["test"] and ray_train["best_step"] == local["best_step"]
+
+
+def test_a_killed_worker_is_restored_from_the_last_checkpoint(private_ray, root, tmp_path, monkeypatch):
+    """Joint training on 2 data-parallel workers; worker 1 dies in step 3 (index 2), after
+    the step-2 checkpoint: Ray Train restarts the group from it and the run finishes."""
+    from metarec.runners.ray_train import KILL_ENV, fit_with_ray_train
+
+    monkeypatch.setenv(KILL_ENV, "2:1")
+    cfg = config_from_dict(baseline_config(root, sources=["src-a", "src-b"], num_workers=2))
+    assert cfg.method == "joint"
+    metrics = fit_with_ray_train(cfg, str(tmp_path / "run"), local=True)
+    assert metrics["steps"] == STEPS and metrics["worker_replacements"] == 2
+    with open(tmp_path / "run" / "history.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if r.get("worker_replacements")] == [3]
+    assert all(r["bytes_per_worker"] > 0 for r in rows)  # the gradients were averaged over 2 workers
+
+
+def write_config(tmp_path, root) -> str:
+    import yaml
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(baseline_config(root)))
+    return str(path)
+
+
+def test_workers_zero_is_one_line_exit_2(root, tmp_path):
+    result = CliRunner().invoke(cli, ["train", write_config(tmp_path, root), "--ray-train", "--workers", "0",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: --workers 0: the number of Ray workers must be at least 1"
+    assert not (tmp_path / "run").exists()
+
+
+def test_more_workers_than_ray_can_place_is_one_line_exit_2(private_ray, root, tmp_path):
+    import ray
+
+    cpus = ray.cluster_resources()["CPU"]
+    result = CliRunner().invoke(cli, ["train", write_config(tmp_path, root), "--ray-train", "--workers", "64",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ray.num_workers=64 x ray.cpus_per_worker=0.5 = 32 CPUs cannot be placed")
+    assert f"has {cpus:g} CPUs" in lines[0] and "this machine's local Ray" in lines[0]
+    assert not (tmp_path / "run").exists()
