@@ -12,8 +12,29 @@ TINY_NAMES = ("src-a", "src-b", "target")
 @pytest.fixture
 def tiny_domains(tmp_path) -> str:
     """Root dir (str) of 3 small prepared synthetic domains: 'src-a', 'src-b' (sources), 'target'."""
+    return make_tiny_domains(tmp_path / "prepared")
+
+
+@pytest.fixture(scope="module")
+def tiny_domains_module(tmp_path_factory) -> str:
+    """`tiny_domains`, once per test module."""
+    return make_tiny_domains(tmp_path_factory.mktemp("prepared"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread_module():
+    """Torch on one thread for a test module (tiny tensors; like each 1-CPU Ray worker)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_tiny_domains(path) -> str:
     return generate_domains(
-        tmp_path / "prepared",
+        path,
         names=TINY_NAMES,
         n_users={"src-a": 120, "src-b": 80, "target": 40},
         n_items={"src-a": 60, "src-b": 48, "target": 32},

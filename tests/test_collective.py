@@ -24,24 +24,13 @@ ITERATIONS = 3
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread_module):
+    """Tiny tensors on one thread."""
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> str:
-    from conftest import TINY_NAMES
-
-    from metarec.data.synthetic import generate_domains
-
-    return generate_domains(
-        tmp_path_factory.mktemp("prepared"), names=TINY_NAMES,
-        n_users={"src-a": 120, "src-b": 80, "target": 40}, n_items={"src-a": 60, "src-b": 48, "target": 32},
-        seq_len={"src-a": 12, "src-b": 12, "target": 6}, n_concepts=8, seed=0,
-    )
+def root(tiny_domains_module) -> str:
+    return tiny_domains_module
 
 
 def tiny_config(root: str, **ray_options):

@@ -21,7 +21,6 @@ from metarec.errors import DataError, NonFiniteError
 from metarec.runners.ray_runner import (
     RayRunner,
     WorkerFailedError,
-    connect,
     enable_local_token_auth,
     worker_config,
 )
@@ -40,24 +39,9 @@ def one_driver_thread():
 
 
 @pytest.fixture(scope="module")
-def ray_home(tmp_path_factory):
-    """A private local Ray instance started by `connect(None)`, with HOME in a temp dir."""
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HOME", str(home))
-        for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
-            mp.delenv(var, raising=False)
-        ray.shutdown()  # connect(None) must start its own instance, whatever ran before
-        connect(None)
-        try:
-            yield home
-        finally:
-            ray.shutdown()
-    from ray._raylet import AuthenticationTokenLoader
-    from ray._raylet import Config as RayletConfig
-
-    RayletConfig.initialize("")  # forget the token mode of this module's instance
-    AuthenticationTokenLoader.instance().reset_cache()
+def ray_home(private_ray):
+    """A private local Ray instance started by `connect(None)`, with HOME in a temp dir (conftest)."""
+    return private_ray
 
 
 @pytest.fixture(scope="module")
