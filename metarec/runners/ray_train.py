@@ -26,7 +26,9 @@ the new workers the last reported checkpoint; resuming is bit-identical (sampler
 optimizer state), so the run ends as an unfaulted one would. Test-only fault injection:
 the environment variable `METAREC_TEST_KILL_WORKER=ITERATION:RANK`, read by the driver,
 makes worker RANK exit in the middle of iteration ITERATION (after its own computation,
-before the collective), once: not in a restarted worker group.
+before the collective), once: it leaves the marker `OUT/ray_train/killed-ITERATION-RANK`
+first and never dies where that marker exists (a local run directory). Which checkpoint
+the new group starts from is the last one Ray Train had registered when the worker died.
 
 Loopback. On the private local Ray instance (`connect(None)`) the process group is set up
 by `LoopbackTorchConfig`: a FileStore rendezvous in a temp file (torch's TCPStore would
@@ -91,13 +93,15 @@ class ProcessGroupCollective:
     2 (W − 1) / W × payload; kills this worker at `kill_at` (test-only, module docstring).
     """
 
-    def __init__(self, rank: int, world: int, device: torch.device, kill_at: int | None = None):
+    def __init__(self, rank: int, world: int, device: torch.device, kill_at: tuple[int, str] | None = None):
         self.rank, self.world, self.device, self.kill_at = rank, world, device, kill_at
         self.payload_bytes = 0
         self.ring_bytes = 0.0
 
     def all_reduce(self, tensor: torch.Tensor, iteration: int) -> None:
-        if self.kill_at == iteration:
+        if self.kill_at is not None and self.kill_at[0] == iteration and not os.path.exists(self.kill_at[1]):
+            with open(self.kill_at[1], "w"):
+                pass
             os._exit(1)  # a worker lost mid-iteration, as on a lost node
         if self.world == 1:
             return
@@ -181,7 +185,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"], "Ray Train worker config")
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     kill = loop_config.get("kill")
-    kill_at = kill[0] if kill and kill[1] == rank and ray.train.get_checkpoint() is None else None
+    kill_at = (kill[0], kill_marker(loop_config["out"], *kill)) if kill and kill[1] == rank else None
     scratch = None if rank == 0 else tempfile.mkdtemp(prefix=f"metarec-rank{rank}-")
     from metarec.train import resolve_device
 
@@ -210,6 +214,11 @@ def _kill_request() -> tuple[int, int] | None:
     return iteration, rank
 
 
+def kill_marker(out_dir: str, iteration: int, rank: int) -> str:
+    """The test-only fault injection's marker (module docstring)."""
+    return os.path.join(storage_for(out_dir), f"killed-{iteration}-{rank}")
+
+
 def storage_for(out_dir: str) -> str:
     """Where Ray Train keeps its copies of the reported checkpoints: `OUT/ray_train`."""
     return f"{out_dir}/ray_train" if fs.is_uri(out_dir) else os.path.abspath(os.path.join(out_dir, "ray_train"))
@@ -224,6 +233,8 @@ def fit_with_ray_train(cfg: Config, out_dir: str, *, local: bool, resume: bool =
     r = cfg.ray
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
     run_dir = out_dir if fs.is_uri(out_dir) else os.path.abspath(out_dir)
+    if not fs.is_uri(run_dir):
+        os.makedirs(storage_for(run_dir), exist_ok=True)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": worker_config(cfg), "out": run_dir, "resume": resume, "kill": _kill_request()},
