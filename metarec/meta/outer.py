@@ -70,7 +70,10 @@ def inner_changes(results: list[TaskResult], weights: dict[str, dict[int, float]
     if cfg.meta.source_params == "persist_inner":
         for name, parts in own_deltas.items():
             count = tasks_of[name.split(".", 1)[1]]
-            changes[name] = parts[0] / count if len(parts) == 1 else torch.stack(parts).sum(0) / count
+            if len(parts) == count:  # every task's delta is here: their mean (as before the collective runner)
+                changes[name] = parts[0] if count == 1 else torch.stack(parts).mean(0)
+            else:  # a collective worker's share of the mean
+                changes[name] = torch.stack(parts).sum(0) / count
     return changes
 
 
