@@ -113,7 +113,7 @@ def _load(config_path, overrides):
 @click.option("--ray-address", default=None, help="join a Ray cluster (auto or ADDRESS) and run source tasks there")
 @_user_errors
 def train(config_path, overrides, out_dir, resume, use_ray, ray_address):
-    """Train per CONFIG_PATH; writes config.yaml, history.jsonl, metrics.json, checkpoints/."""
+    """Train per CONFIG_PATH into a run directory (config, history, metrics, checkpoints)."""
     from metarec.train import train as run_training
 
     cfg = _load(config_path, overrides)
@@ -152,7 +152,7 @@ def _fit_ray_workers(cfg, ray_address) -> None:
 @_user_errors
 def evaluate(run_dir):
     """Recompute RUN_DIR's test metrics from its best checkpoint; print them as JSON."""
-    from metarec.train import evaluate_run
+    from metarec.evaluate import evaluate_run
 
     click.echo(json.dumps(evaluate_run(run_dir), indent=1))
 

@@ -14,8 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from metarec import fs
-from metarec.errors import CheckpointError, ConfigError, bounded, quote
+from metarec.errors import ConfigError, bounded, quote
 
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"  # a run or domain name: also a path component
@@ -109,8 +108,6 @@ class RayConfig(_Section):
     gpus_per_worker: float = Field(0.0, ge=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     max_task_retries: int = Field(3, ge=0)
-    fail_task_once: list[int] = Field(default_factory=list, description="fault injection: task indices whose worker dies once")
-    fail_iteration: int | None = Field(None, ge=0, description="fault injection: iteration at which fail_task_once applies")
 
 
 class Config(_Section):
@@ -146,10 +143,6 @@ class Config(_Section):
 # ---------------------------------------------------------------- key handling
 
 
-def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
-    return dict(model.model_fields)
-
-
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
@@ -174,7 +167,7 @@ def suggest_key(key: str) -> str:
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
+        loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             hint = suggest_key(loc)
             msg = f"{source}: unknown key {quote(loc)}" + (f" (did you mean '{hint}'?)" if hint else "")
@@ -248,17 +241,3 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-def load_run_config(run_dir: str) -> Config:
-    """The validated config a run directory was trained with (`RUN_DIR/config.yaml`)."""
-    uri = fs.join(run_dir, "config.yaml")
-    if not fs.exists(uri):
-        raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml)")
-    try:
-        raw = yaml.safe_load(fs.read_text(uri))
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{uri}: not a UTF-8 text file (byte {err.start}: {err.reason})") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{uri}: not valid YAML: {bounded(str(err), 300)}") from None
-    return config_from_dict(raw, uri)

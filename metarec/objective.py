@@ -115,7 +115,6 @@ def domain_loss(
     vq_weight: float = 1.0,
     vq_chunk_size: int = 4096,
     negatives: int = 0,
-    generator: torch.Generator | None = None,
     fused_ce: bool = False,
 ) -> LossParts:
     """Cross-entropy at every non-padding position (+ weighted L_vq for a quantized source).
@@ -135,7 +134,7 @@ def domain_loss(
     quantized = vq_enabled and domain != target
 
     if negatives > 0:
-        neg = torch.randint(1, n_items + 1, (negatives,), device=inputs.device, generator=generator)
+        neg = torch.randint(1, n_items + 1, (negatives,), device=inputs.device)
         out_ids = torch.unique(torch.cat([labels[pos], neg]))
     else:
         out_ids = torch.arange(1, n_items + 1, device=inputs.device)

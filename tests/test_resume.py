@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from metarec.checkpoint import step_checkpoints
+from metarec.run_dir import step_checkpoints
 from metarec.config import load_config
 from metarec.train import train
 

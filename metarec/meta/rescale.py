@@ -46,11 +46,6 @@ def _cosine(dot: float, g_norm: float, u_norm: float) -> float:
     return max(-1.0, min(1.0, dot / (g_norm * u_norm)))
 
 
-def tensor_similarity(g: torch.Tensor, u: torch.Tensor) -> float:
-    """s^p = cos(g^p, u^p) of Eq. 6, with the tensors flattened; 0 if either is zero."""
-    return _cosine(*_cosine_parts(g, u).tolist())
-
-
 def tensor_similarities(
     grads: dict[str, torch.Tensor | None], directions: dict[str, torch.Tensor | None]
 ) -> tuple[dict[str, float], set[str], dict[str, tuple[float, float]]]:

@@ -24,6 +24,7 @@ from metarec.meta.inner_loop import inner_loop
 from metarec.meta.rescale import descent_direction, tensor_similarities
 from metarec.meta.tasks import TaskSpec
 from metarec.objective import LossParts, domain_loss
+from metarec.optimizer import nonfinite_tensors
 
 
 class Windows(Protocol):
@@ -91,15 +92,6 @@ def _kept_inner_changes(source: str, theta: dict, phi: dict, cfg: Config) -> lis
     if cfg.meta.persist_shared <= 0:
         return own
     return own + sorted(n for n in theta if n not in own and phi[n] is not theta[n])
-
-
-def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the tensors holding a NaN or an infinity, in name order."""
-    names = sorted(tensors)
-    if not names:
-        return []
-    flags = torch.stack([torch.isfinite(tensors[n]).all() for n in names]).cpu().tolist()
-    return [n for n, ok in zip(names, flags) if not ok]
 
 
 def _describe(task: TaskSpec) -> str:

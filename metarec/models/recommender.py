@@ -30,6 +30,3 @@ class Recommender(nn.Module):
             self.items[name] = nn.Parameter(table)
             self.bias[name] = nn.Parameter(torch.zeros(k + 1))
         self.encoder = build_encoder(cfg)
-
-    def forward(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover - convenience
-        return self.encoder(emb, mask)
