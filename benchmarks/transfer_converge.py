@@ -44,7 +44,7 @@ from common import RESULTS, header, machine, prepare_shared_data
 from transfer import METHODS as TRANSFER_METHODS
 from transfer import merge
 
-from tune.space import set_dotted
+from metarec.config import set_dotted
 
 DEFAULT_SOURCES = ["amazon-beauty", "amazon-sports", "yelp", "movielens-1m"]
 

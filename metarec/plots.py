@@ -3,7 +3,7 @@
 - `training_curves.png`: training losses vs step (raw, faint, and a rolling mean) and
   validation NDCG@10 vs step with the best step marked;
 - `source_weights.png` (MetaRec runs only): heatmap of the per-source softmax weights
-  w_i (DESIGN §4 step 5, averaged per source by the trainer) over iterations, binned
+  w_i (docs/design.md §4 step 5, averaged per source by the trainer) over iterations, binned
   into at most `MAX_HEATMAP_COLUMNS` columns (colour = mean weight in the bin; grey =
   source not sampled in that bin).
 
@@ -171,6 +171,22 @@ def draw_source_weights(rows: list[dict[str, Any]], title: str) -> bytes:
     note = "; grey = not sampled" if np.isnan(matrix).any() else ""
     ax.set(xlabel="iteration", ylabel="source", title=f"{title}: source task weights (softmax, mean per bin{note})")
     fig.colorbar(mesh, ax=ax, label="mean weight")
+    return _png(fig)
+
+
+def draw_scatter(groups: dict[str | None, tuple[list[float], list[float]]], *, xlabel: str, ylabel: str, title: str,
+                 log_x: bool = False) -> bytes:
+    """PNG scatter plot, one colour per group of (xs, ys); a legend when the groups are labelled
+    (`metarec tune`'s sweep.png)."""
+    fig = _figure(5.5, 3.8)
+    ax = fig.subplots()
+    for label, (xs, ys) in groups.items():
+        ax.scatter(xs, ys, label=label, alpha=0.8)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if any(label is not None for label in groups):
+        ax.legend(fontsize=8)
     return _png(fig)
 
 

@@ -7,8 +7,8 @@ checkpoint also holds are never materialised as parameters and no source domain 
 read, so serving costs the target's size, not the sources'.
 
 Scores are the model's full-ranking scores after the last `data.max_len` history items
-(`last_position_scores`, DESIGN §2); padding and every item of the history are excluded
-(DESIGN §5 excludes the input window; here the whole history, since a user rarely wants
+(`last_position_scores`, docs/design.md §2); padding and every item of the history are excluded
+(docs/design.md §5 excludes the input window; here the whole history, since a user rarely wants
 to be recommended what they already have).
 """
 

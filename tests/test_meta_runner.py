@@ -1,4 +1,4 @@
-"""Task sampling, run_task, the outer update and the local runner (DESIGN §4, §6)."""
+"""Task sampling, run_task, the outer update and the local runner (docs/design.md §4, §6)."""
 
 from __future__ import annotations
 

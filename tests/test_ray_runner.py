@@ -1,4 +1,4 @@
-"""The Ray runner: same update as the local runner, faults change no result (DESIGN §6).
+"""The Ray runner: same update as the local runner, faults change no result (docs/design.md §6).
 
 One private Ray instance (2 CPUs, token auth on, temp HOME) serves the whole module.
 """

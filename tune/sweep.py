@@ -1,4 +1,4 @@
-"""`metarec tune SPACE`: a Ray Tune sweep over τ, VQ heads, α, β (DESIGN §6, "Tune").
+"""`metarec tune SPACE`: a Ray Tune sweep over τ, VQ heads, α, β (docs/design.md §6, "Tune").
 
 Each trial trains one MetaRec run (`metarec.train.train`) into
 `<experiment>/<trial_id>/run/` and, after every validation, reports the target
@@ -17,7 +17,6 @@ coloured by heads; needs matplotlib).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -246,33 +245,21 @@ def results_markdown(rows: list[dict[str, Any]], space: SearchSpace, experiment_
 
 def plot_sweep(rows: list[dict[str, Any]], space: SearchSpace) -> bytes | None:
     """PNG of the best validation metric vs τ, one colour per heads value (None without matplotlib or τ)."""
-    if "rescale.tau" not in space.params:
-        return None
-    try:
-        import matplotlib
+    from metarec.plots import draw_scatter
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if "rescale.tau" not in space.params:
         return None
     best_col = f"best_val_{space.metric}"
     done = [r for r in rows if r[best_col] is not None]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    groups = {}
     for heads in sorted({r["params"].get("vq.heads") for r in done}, key=str):
         pts = [r for r in done if r["params"].get("vq.heads") == heads]
         label = f"heads={heads}" if "vq.heads" in space.params else None
-        ax.scatter([r["params"]["rescale.tau"] for r in pts], [r[best_col] for r in pts], label=label, alpha=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("τ (rescale.tau)")
-    ax.set_ylabel(f"best validation {space.metric}")
-    ax.set_title(space.name)
-    if "vq.heads" in space.params:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+        groups[label] = ([r["params"]["rescale.tau"] for r in pts], [r[best_col] for r in pts])
+    try:
+        return draw_scatter(groups, xlabel="τ (rescale.tau)", ylabel=f"best validation {space.metric}", title=space.name, log_x=True)
+    except MetaRecError:  # matplotlib is not importable: no plot
+        return None
 
 
 def write_outputs(rows: list[dict[str, Any]], space: SearchSpace, experiment_uri: str) -> dict[str, Any]:

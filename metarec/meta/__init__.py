@@ -1,4 +1,4 @@
-"""Meta transfer with per-layer gradient rescaling (MetaRec §III-C, DESIGN §4)."""
+"""Meta transfer with per-layer gradient rescaling (MetaRec §III-C, docs/design.md §4)."""
 
 from metarec.meta.inner_loop import inner_loop
 from metarec.meta.joint import joint_loss

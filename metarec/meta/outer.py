@@ -1,4 +1,4 @@
-"""The outer step of meta transfer (paper Eq. 8, DESIGN §4 steps 5–6).
+"""The outer step of meta transfer (docs/design.md §4 steps 5–7, Eq. (8)–(9); paper Eq. 8).
 
 Combines the tasks' meta gradients with per-tensor softmax weights, clips, checks and
 steps the optimizer (`metarec.optimizer.clip_check_step`, shared with the other

@@ -1,4 +1,4 @@
-"""One meta task as a pure function: the unit of work of every runner (DESIGN §4, §6).
+"""One meta task as a pure function: the unit of work of every runner (docs/design.md §4, §6).
 
 `run_task(params, task, ctx)` depends only on its inputs: it seeds torch from the task
 spec, so the local runner (in-process) and the Ray runner (in actors, possibly
@@ -81,7 +81,7 @@ def source_loss_options(cfg: Config) -> dict[str, Any]:
 
 
 def source_only_names(source: str) -> tuple[str, str]:
-    """The tensors only source `source` uses (DESIGN §4, `meta.source_params`)."""
+    """The tensors only source `source` uses (docs/design.md §4, `meta.source_params`)."""
     return f"items.{source}", f"bias.{source}"
 
 
@@ -117,7 +117,7 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def run_task(params: dict[str, torch.Tensor], task: TaskSpec, ctx: TaskContext) -> TaskResult:
-    """Inner loop on the task's source batch, meta gradient on its target batch (DESIGN §4 steps 2–4).
+    """Inner loop on the task's source batch, meta gradient on its target batch (docs/design.md §4 steps 2–4).
 
     θ = `params` detached (fresh leaves; `params` are never modified), φ = inner_loop(θ)
     on L_src + L_vq, g = d L_target(φ)/dθ (second order unless `meta.first_order`),

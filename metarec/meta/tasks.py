@@ -1,4 +1,4 @@
-"""Meta-task sampling (DESIGN §4, step 1).
+"""Meta-task sampling (docs/design.md §4, step 1).
 
 A task is one (source domain, source batch, target batch) triple. All draws of a run
 come from ONE numpy Generator seeded once, so a run is reproducible, and the

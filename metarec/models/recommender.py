@@ -1,4 +1,4 @@
-"""The recommender f = f_m ∘ f_e (DESIGN §2).
+"""The recommender f = f_m ∘ f_e (docs/design.md §2).
 
 Parameter names the meta-learning code keys on:
 - `items.<domain>`: (K_d + 1) x d item table per domain, row 0 = padding;

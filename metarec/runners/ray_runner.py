@@ -1,4 +1,4 @@
-"""Ray runner: source-task inner loops in `SourceTaskWorker` actors (DESIGN §6).
+"""Ray runner: source-task inner loops in `SourceTaskWorker` actors (docs/design.md §6).
 
 Same interface as `LocalRunner` (`run_tasks(params, specs) -> list[TaskResult]`
 sorted by task index, `close()`), and each worker calls the very same `run_task`, so
@@ -51,8 +51,7 @@ from typing import Any
 import ray
 import torch
 
-from metarec import fs
-from metarec.config import Config, config_from_dict
+from metarec.config import Config, absolute_data_root, config_from_dict
 from metarec.errors import ConfigError, MetaRecError
 from metarec.meta.run_task import TaskResult, run_task
 from metarec.meta.tasks import TaskSpec
@@ -237,13 +236,9 @@ def injected_faults() -> frozenset[tuple[int, int]]:
 
 
 def worker_config(cfg: Config) -> dict[str, Any]:
-    """The config the workers build their problem from: `data.root` made absolute if it
-    is a local directory, so workers whose working directory differs find the data."""
-    raw = cfg.to_dict()
-    root = raw["data"]["root"]
-    if not fs.is_uri(root) and os.path.isdir(root):
-        raw["data"]["root"] = os.path.abspath(root)
-    return raw
+    """The config the workers build their problem from: a local `data.root` made absolute,
+    so workers whose working directory differs find the data."""
+    return absolute_data_root(cfg.to_dict())
 
 
 def tensor_bytes(tensors) -> int:
