@@ -90,6 +90,11 @@ def metarec_trial(config: dict[str, Any], *, space: SearchSpace, experiment_uri:
     run_dir = trial_run_dir(experiment_uri, trial_id)
     evals = space.base_config.train.eval_every
     cfg = space.config(config, {"name": f"{space.name}-{trial_id}", "train.checkpoint_every": evals, "train.progress": False})
+    if RunDir(run_dir).finished():
+        # The trial ran to its end (test metrics written) but an interrupt came before Tune
+        # saved that in the experiment state, so `--resume` hands it back: a finished run is
+        # never trained or rewritten again; its reports are already in Tune's results.
+        return
     ckpt_root = RunDir(run_dir).checkpoints_uri
     fs.remove(ckpt_root)  # Tune's checkpoint (or none) is the trial's state, not what a killed attempt left
     checkpoint = ray_tune.get_checkpoint()

@@ -55,8 +55,8 @@ def task_weight(weights: dict[str, dict[int, float]], pos: int, touched: set[str
     Tensors only this task touched (its source's own table) always weigh 1 and would
     hide the rescaling, so they count only when the task shares nothing (n = 1).
     """
-    shared = [weights[p][pos] for p in touched if len(weights[p]) > 1]
-    own = shared or [weights[p][pos] for p in touched]
+    shared = [weights[p][pos] for p in sorted(touched) if len(weights[p]) > 1]
+    own = shared or [weights[p][pos] for p in sorted(touched)]
     return sum(own) / len(own) if own else 0.0
 
 
