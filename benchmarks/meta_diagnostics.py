@@ -28,7 +28,8 @@ from metarec.meta.inner_loop import inner_loop
 from metarec.meta.rescale import combine
 from metarec.meta.run_task import run_task, source_loss_options
 from metarec.objective import domain_loss
-from metarec.train import Trainer, make_optimizer
+from metarec.optimizer import make_optimizer
+from metarec.train import Trainer
 
 
 def group_of(name: str, target: str) -> str:
@@ -120,7 +121,7 @@ def main() -> None:
             "meta": {"inner_lr": alpha, "source_batch_size": 64, "first_order": args.first_order},
         }
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(config_from_dict(raw), tmp)
+            trainer = Trainer.from_config(config_from_dict(raw), tmp)
             done = 0
             for warm in sorted(args.warmup):
                 while done < warm:

@@ -89,7 +89,7 @@ def measure(args, root: str, runner: str) -> dict:
     else:
         connect(None)
         factory = lambda problem: RayRunner(problem.cfg)  # noqa: E731
-    trainer = Trainer(cfg, "unused", factory)
+    trainer = Trainer.from_config(cfg, "unused", factory)
     timed = TimedRunner(trainer.runner)
     trainer.runner = timed
     theta_bytes = tensor_bytes(p.detach() for p in trainer.model.parameters())

@@ -54,7 +54,7 @@ def beauty_eval_memory(root: str) -> dict:
     code = f"""
 import json, time, resource
 from metarec.config import config_from_dict
-from metarec.train import build_problem, target_metrics
+from metarec.problem import build_problem, target_metrics
 cfg = config_from_dict({{"data": {{"root": {root!r}, "target": "amazon-beauty"}}, "train": {{"eval_batch_size": 256}}}})
 p = build_problem(cfg)
 t = time.perf_counter(); m = target_metrics(p, "test"); dt = time.perf_counter() - t

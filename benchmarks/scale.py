@@ -34,6 +34,7 @@ import torch
 from common import RESULTS, header, prepare_shared_data, write_results
 
 from metarec.config import config_from_dict
+from metarec.problem import build_problem
 from metarec.runners.ray_runner import RayRunner, connect, result_bytes, tensor_bytes
 from metarec.runners.ray_train import fit_with_ray_train
 from metarec.train import Trainer
@@ -87,7 +88,7 @@ def measure_driver(args, root: str, workers: int | None) -> dict:
     """`workers=None`: the local runner; else the driver runner with that many actors."""
     cfg = config_from_dict(bench_config(args, root, "driver", workers or 1), "benchmark config")
     factory = None if workers is None else (lambda problem: RayRunner(problem.cfg))  # noqa: E731
-    trainer = Trainer(cfg, "unused", factory)
+    trainer = Trainer.from_config(cfg, "unused", factory)
     timed = trainer.runner = TimedRunner(trainer.runner)
     theta = tensor_bytes(p.detach() for p in trainer.model.parameters())
     seconds, to_driver, per_worker = [], [], []
@@ -119,7 +120,7 @@ def measure_collective(args, root: str, workers: int) -> dict:
         fit_with_ray_train(cfg, out, local=True)
         with open(os.path.join(out, "history.jsonl")) as f:
             rows = [json.loads(line) for line in f][args.warmup:]
-    theta = tensor_bytes(p.detach() for p in Trainer(cfg, "unused").model.parameters())
+    theta = tensor_bytes(p.detach() for p in build_problem(cfg).model.parameters())
     r = row("collective", workers, [x["step_seconds"] + x["report_seconds"] for x in rows],
             [x["bytes_to_driver"] for x in rows], [x["bytes_per_worker"] for x in rows], theta, "cpu")
     r["collective_payload_bytes"] = int(statistics.fmean(x["collective_payload_bytes"] for x in rows))

@@ -100,7 +100,7 @@ def _trainer(cfg_dict: dict[str, Any], device: str, out: str):
 
     cfg_dict = json.loads(json.dumps(cfg_dict))
     cfg_dict.setdefault("train", {}).update({"device": device, "progress": False})
-    return Trainer(config_from_dict(cfg_dict), out)
+    return Trainer.from_config(config_from_dict(cfg_dict), out)
 
 
 def _step_fn(trainer, reference: bool) -> Callable[[int], None]:
@@ -199,7 +199,7 @@ def group_reference(a) -> list[dict[str, Any]]:
 
 
 def group_eval(a, impl: str) -> list[dict[str, Any]]:
-    from metarec.train import build_problem, target_metrics
+    from metarec.problem import build_problem, target_metrics
 
     cfg = yaml.safe_load((REPO / "configs" / "target_only_video.yaml").read_text())
     cfg["data"]["root"] = a.root

@@ -91,7 +91,7 @@ def iteration_cost(args, root: str, iterations: int = 4) -> dict:
         out = {}
         with tempfile.TemporaryDirectory() as tmp:
             for method in ("metarec", "joint"):
-                trainer = Trainer(config_from_dict(merge(raw, METHODS[method])), f"{tmp}/{method}")
+                trainer = Trainer.from_config(config_from_dict(merge(raw, METHODS[method])), f"{tmp}/{method}")
                 trainer.step(0)  # warm-up
                 vq_time[0] = 0.0
                 t = time.perf_counter()

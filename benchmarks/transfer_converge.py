@@ -44,7 +44,7 @@ from common import RESULTS, header, machine, prepare_shared_data
 from transfer import METHODS as TRANSFER_METHODS
 from transfer import merge
 
-from tune.space import set_dotted
+from metarec.config import set_dotted
 
 DEFAULT_SOURCES = ["amazon-beauty", "amazon-sports", "yelp", "movielens-1m"]
 
@@ -115,7 +115,7 @@ def run_one(job: dict) -> dict:
     raw = job["config"]
     cfg = config_from_dict(raw)
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, run_dir)
+        trainer = Trainer.from_config(cfg, run_dir)
         windows = len(trainer.problem.windows[cfg.data.target])
         per_step = cfg.train.batch_size * (cfg.meta.tasks_per_iter if cfg.method != "target_only" else 1)
         eval_every = max(1, round(job["eval_fraction"] * windows / per_step))

@@ -31,6 +31,7 @@ import yaml
 from common import METRICS, REPO, header, prepare_shared_data, write_results
 
 from metarec import fs
+from metarec.run_dir import RunDir
 from metarec.train import train
 from tune.space import load_space
 from tune.sweep import run_sweep
@@ -57,10 +58,11 @@ def write_space(path: Path, root: str, args: argparse.Namespace) -> str:
 
 def default_run(space_path: str, run_dir: str) -> dict:
     """Train the default config (base + the same overrides) once; reuse a finished run."""
-    if fs.exists(f"{run_dir}/metrics.json"):
-        return json.loads(fs.read_bytes(f"{run_dir}/metrics.json"))
+    run = RunDir(run_dir)
+    if run.finished():
+        return run.read_metrics()
     cfg = load_space(space_path).config({"name": "tune_video-default"})
-    return train(cfg, run_dir, resume=fs.exists(f"{run_dir}/config.yaml"))
+    return train(cfg, run_dir, resume=run.has_config())
 
 
 def main() -> None:
@@ -127,7 +129,7 @@ def main() -> None:
 
 
 def _history(run_dir: str) -> list[dict]:
-    return [json.loads(line) for line in fs.read_text(f"{run_dir}/history.jsonl").splitlines()]
+    return RunDir(run_dir).read_history()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Checkpoints: safetensors for tensors + JSON for everything else. Never pickle.
 
-A checkpoint is a directory `<run>/checkpoints/<tag>/` holding
+A checkpoint is a directory (a run's `best` or `step-N`: `metarec.run_dir`) holding
 - `tensors.safetensors`: model parameters (`param/<name>`), optimizer state
   (`optim/<name>/<key>`) and the torch RNG state (`rng/torch`);
 - `state.json`: counters, best-so-far, sampler/numpy RNG state, optimizer
@@ -8,14 +8,12 @@ A checkpoint is a directory `<run>/checkpoints/<tag>/` holding
 It is written into a temporary sibling and renamed into place, so a reader sees
 either the whole checkpoint or none; a directory without a readable, complete
 `state.json` (a torn write from another tool, a disk that filled up) is skipped with
-a warning by `latest_checkpoint`.
+a warning by `RunDir.latest_step_checkpoint`.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +27,6 @@ from metarec.errors import CheckpointError, quote
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
@@ -76,8 +73,6 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
-    *,
-    include_rng: bool = True,
 ) -> None:
     """Write a checkpoint atomically to `uri` (local path or s3://)."""
     names = {}
@@ -96,8 +91,7 @@ def save_checkpoint(
         tensors.update(flat)
         full_state["optimizer"] = meta
         full_state["optimizer_order"] = list(pid_names.values())
-    if include_rng:
-        tensors["rng/torch"] = torch.get_rng_state()
+    tensors["rng/torch"] = torch.get_rng_state()
     full_state["complete"] = True
     with fs.atomic_dir(uri, replace=True, last=(STATE,)) as tmp:
         fs.write_bytes(f"{tmp}/{TENSORS}", st_save(tensors))
@@ -160,30 +154,3 @@ def restore_model(model: torch.nn.Module, params: dict[str, torch.Tensor], where
             if p.shape != params[name].shape:
                 raise CheckpointError(f"{where}: tensor {name} has shape {tuple(params[name].shape)}, model expects {tuple(p.shape)}")
             p.copy_(params[name].to(p.device))
-
-
-def step_checkpoints(root: str) -> list[tuple[int, str]]:
-    """(step, uri) of the `step-N` checkpoint directories under `root`, ascending."""
-    if not fs.exists(root):
-        return []
-    found = []
-    for name in fs.listdir(root):
-        m = _STEP_DIR.match(name)
-        if m:
-            found.append((int(m.group(1)), f"{root}/{name}"))
-    return sorted(found)
-
-
-def latest_checkpoint(root: str) -> Checkpoint | None:
-    """The newest complete step checkpoint under `root`; torn ones are skipped with a warning."""
-    for step, uri in reversed(step_checkpoints(root)):
-        try:
-            return load_checkpoint(uri)
-        except CheckpointError as err:
-            warnings.warn(f"skipping torn checkpoint: {err}", stacklevel=2)
-    return None
-
-
-def prune_checkpoints(root: str, keep: int) -> None:
-    for _step, uri in step_checkpoints(root)[:-keep]:
-        fs.remove(uri)

@@ -116,7 +116,7 @@ def _load(config_path, overrides):
 @click.option("--workers", type=int, default=None, help="Ray workers (sets ray.num_workers; must fit the cluster)")
 @_user_errors
 def train(config_path, overrides, out_dir, resume, use_ray, ray_address, use_ray_train, workers):
-    """Train per CONFIG_PATH; writes config.yaml, history.jsonl, metrics.json, checkpoints/."""
+    """Train per CONFIG_PATH into a run directory (config, history, metrics, checkpoints)."""
     from metarec.train import train as run_training
 
     cfg = _load(config_path, overrides)
@@ -181,7 +181,7 @@ def _fit_ray_workers(cfg, ray_address, exact: bool = False) -> bool:
 @_user_errors
 def evaluate(run_dir):
     """Recompute RUN_DIR's test metrics from its best checkpoint; print them as JSON."""
-    from metarec.train import evaluate_run
+    from metarec.evaluate import evaluate_run
 
     click.echo(json.dumps(evaluate_run(run_dir), indent=1))
 

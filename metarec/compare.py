@@ -40,17 +40,12 @@ def paired_bootstrap(base: np.ndarray, other: np.ndarray, *, n_boot: int = N_BOO
 
 def per_user_test_ranks(run_dir: str) -> tuple[np.ndarray, np.ndarray]:
     """(test targets, their 1-based ranks) of RUN_DIR's best checkpoint, one entry per test user."""
-    from metarec.checkpoint import load_checkpoint, restore_model
-    from metarec.config import load_run_config
     from metarec.eval import evaluate
     from metarec.objective import last_position_scores
-    from metarec.train import BEST, build_problem
+    from metarec.problem import problem_from_run
 
-    run_dir = run_dir.rstrip("/")
-    cfg = load_run_config(run_dir)
-    problem = build_problem(cfg)
-    restore_model(problem.model, load_checkpoint(f"{run_dir}/checkpoints/{BEST}").params, run_dir)
-    model, target = problem.model, problem.target
+    problem = problem_from_run(run_dir)
+    cfg, model, target = problem.cfg, problem.model, problem.target
     model.eval()
     params = dict(model.named_parameters())
     histories, targets = problem.domains[target].eval_examples("test")

@@ -8,14 +8,17 @@ are checked exactly like keys in the file.
 from __future__ import annotations
 
 import difflib
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from metarec import fs
-from metarec.errors import CheckpointError, ConfigError, bounded, quote
+from metarec.errors import ConfigError, bounded, quote
 
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"  # a run or domain name: also a path component
@@ -112,8 +115,6 @@ class RayConfig(_Section):
     gpus_per_worker: float = Field(0.0, ge=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     max_task_retries: int = Field(3, ge=0)
-    fail_task_once: list[int] = Field(default_factory=list, description="fault injection: task indices whose worker dies once")
-    fail_iteration: int | None = Field(None, ge=0, description="fault injection: iteration at which fail_task_once applies")
 
 
 class Config(_Section):
@@ -149,24 +150,30 @@ class Config(_Section):
 # ---------------------------------------------------------------- key handling
 
 
-def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
-    return dict(model.model_fields)
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
-def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
+def config_fields(model: type[BaseModel] = Config, prefix: str = "") -> dict[str, FieldInfo]:
+    """Every dotted key of the run config, sections and leaves, each before its children -> its field."""
+    fields = {}
     for name, field in model.model_fields.items():
         dotted = f"{prefix}{name}"
-        keys.append(dotted)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys.extend(_valid_keys(ann, dotted + "."))
-    return keys
+        fields[dotted] = field
+        if _is_section(field.annotation):
+            fields.update(config_fields(field.annotation, dotted + "."))
+    return fields
+
+
+def leaf_field(key: str) -> FieldInfo | None:
+    """The pydantic field of the dotted leaf `key` (None for a section or no such key)."""
+    field = config_fields().get(key)
+    return None if field is None or _is_section(field.annotation) else field
 
 
 def suggest_key(key: str) -> str:
     """Nearest valid dotted key to `key` ('' if none is close)."""
-    valid = _valid_keys(Config)
+    valid = list(config_fields())
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if not match:
         leaf = key.rsplit(".", 1)[-1]
@@ -174,12 +181,14 @@ def suggest_key(key: str) -> str:
     return match[0] if match else ""
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, suggest: Callable[[str], str] = suggest_key) -> str:
+    """One line naming `source` and every key pydantic refused: unknown (with `suggest`'s
+    nearest valid key), missing, or an invalid value (and the value given)."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
+        loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            hint = suggest_key(loc)
+            hint = suggest(loc)
             msg = f"{source}: unknown key {quote(loc)}" + (f" (did you mean '{hint}'?)" if hint else "")
         elif e["type"] == "missing":
             msg = f"{source}: missing required key '{loc}'"
@@ -206,18 +215,35 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {quote(text)}: value is not valid YAML ({bounded(str(err), 200)})") from None
 
 
+def set_dotted(raw: dict[str, Any], key: str, value: Any, where: str = "config") -> None:
+    """raw[a][b] = value for key 'a.b', creating missing sections; ConfigError (naming `where`)
+    if a section on the way holds a value instead of a mapping."""
+    node = raw
+    *sections, leaf = key.split(".")
+    for part in sections:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {quote(part)} is not a section")
+        node = child
+    node[leaf] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply `--set KEY=VALUE` strings to the raw config mapping (before validation)."""
     for text in overrides:
         path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {quote(text)}: {quote(part)} is not a section")
-            node = child
-        node[path[-1]] = value
+        set_dotted(raw, ".".join(path), value, f"--set {quote(text)}")
+    return raw
+
+
+def absolute_data_root(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with a local `data.root` made absolute (in place), for processes that run in
+    another working directory (Ray workers, Tune trials); URIs are left alone."""
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("root"), str) and not fs.is_uri(data["root"]):
+        data["root"] = os.path.abspath(os.path.expanduser(data["root"]))
     return raw
 
 
@@ -227,7 +253,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -251,17 +277,3 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-def load_run_config(run_dir: str) -> Config:
-    """The validated config a run directory was trained with (`RUN_DIR/config.yaml`)."""
-    uri = fs.join(run_dir, "config.yaml")
-    if not fs.exists(uri):
-        raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml)")
-    try:
-        raw = yaml.safe_load(fs.read_text(uri))
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{uri}: not a UTF-8 text file (byte {err.start}: {err.reason})") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{uri}: not valid YAML: {bounded(str(err), 300)}") from None
-    return config_from_dict(raw, uri)

@@ -1,4 +1,4 @@
-"""Full-ranking evaluation (DESIGN §5).
+"""Full-ranking evaluation (docs/design.md §5, Eq. (10)–(11)).
 
 Every item 1..K of the domain is ranked; there is no negative sampling. Users are
 processed in chunks, so peak memory is O(batch_size × K), never O(users × K).

@@ -5,7 +5,7 @@ so the same code serves plain training, the functional inner loop of meta learni
 (`torch.func.functional_call`) and evaluation.
 
 Scores for domain d: h · O_dᵀ + bias.d, with O_d the (tied) item matrix the domain's
-inputs are drawn from (DESIGN §2). For a source domain with VQ on, inputs are the
+inputs are drawn from (docs/design.md §2). For a source domain with VQ on, inputs are the
 straight-through quantized rows and O_d the quantized table (`vq.source_output`).
 """
 
@@ -115,14 +115,14 @@ def domain_loss(
     vq_weight: float = 1.0,
     vq_chunk_size: int = 4096,
     negatives: int = 0,
-    generator: torch.Generator | None = None,
     fused_ce: bool = False,
 ) -> LossParts:
-    """Cross-entropy at every non-padding position (+ weighted L_vq for a quantized source).
+    """Cross-entropy at every non-padding position (+ weighted L_vq for a quantized source):
+    docs/design.md Eq. (2), (4).
 
     inputs, labels: (B, L) item ids, 0 = padding; labels[b, t] is the item after inputs[b, :t+1].
     negatives > 0: sampled softmax over the batch's positives plus `negatives` uniform
-    negatives (DESIGN §2), instead of all K_d items.
+    negatives (docs/design.md §2), instead of all K_d items.
     fused_ce: compute the output layer's cross-entropy with `linear_cross_entropy`'s
     fused kernel; only for losses that are differentiated once (not the second-order
     inner loop). Same value and gradient up to float rounding.
@@ -135,7 +135,7 @@ def domain_loss(
     quantized = vq_enabled and domain != target
 
     if negatives > 0:
-        neg = torch.randint(1, n_items + 1, (negatives,), device=inputs.device, generator=generator)
+        neg = torch.randint(1, n_items + 1, (negatives,), device=inputs.device)
         out_ids = torch.unique(torch.cat([labels[pos], neg]))
     else:
         out_ids = torch.arange(1, n_items + 1, device=inputs.device)

@@ -1,9 +1,9 @@
-"""`metarec plot`: PNG figures of a run directory's `history.jsonl`.
+"""`metarec plot`: PNG figures of a run directory's training history.
 
 - `training_curves.png`: training losses vs step (raw, faint, and a rolling mean) and
   validation NDCG@10 vs step with the best step marked;
 - `source_weights.png` (MetaRec runs only): heatmap of the per-source softmax weights
-  w_i (DESIGN §4 step 5, averaged per source by the trainer) over iterations, binned
+  w_i (docs/design.md §4 step 5, averaged per source by the trainer) over iterations, binned
   into at most `MAX_HEATMAP_COLUMNS` columns (colour = mean weight in the bin; grey =
   source not sampled in that bin).
 
@@ -17,7 +17,6 @@ directly (no pyplot, no global backend switch), and the PNG bytes are written wi
 from __future__ import annotations
 
 import io
-import json
 from types import SimpleNamespace
 from typing import Any
 
@@ -54,27 +53,6 @@ def _figure(width: float, height: float):
     fig = mpl.Figure(figsize=(width, height), dpi=110, layout="constrained")
     mpl.FigureCanvasAgg(fig)
     return fig
-
-
-def read_history(run_dir: str) -> list[dict[str, Any]]:
-    """The rows of `RUN_DIR/history.jsonl`; MetaRecError names the file (and line) if missing or malformed."""
-    uri = fs.join(run_dir, "history.jsonl")
-    if not fs.exists(uri):
-        raise MetaRecError(f"{uri}: no training history (is {run_dir} a run directory?)")
-    rows = []
-    for number, line in enumerate(fs.read_text(uri).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise MetaRecError(f"{uri}, line {number}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            raise MetaRecError(f"{uri}, line {number}: expected an object with an integer 'step'")
-        rows.append(row)
-    if not rows:
-        raise MetaRecError(f"{uri}: empty training history")
-    return rows
 
 
 def loss_series(rows: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -196,6 +174,22 @@ def draw_source_weights(rows: list[dict[str, Any]], title: str) -> bytes:
     return _png(fig)
 
 
+def draw_scatter(groups: dict[str | None, tuple[list[float], list[float]]], *, xlabel: str, ylabel: str, title: str,
+                 log_x: bool = False) -> bytes:
+    """PNG scatter plot, one colour per group of (xs, ys); a legend when the groups are labelled
+    (`metarec tune`'s sweep.png)."""
+    fig = _figure(5.5, 3.8)
+    ax = fig.subplots()
+    for label, (xs, ys) in groups.items():
+        ax.scatter(xs, ys, label=label, alpha=0.8)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if any(label is not None for label in groups):
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def plot_run(run_dir: str) -> list[str]:
     """Draw RUN_DIR's figures into RUN_DIR (local or s3://); return the written paths.
 
@@ -203,7 +197,9 @@ def plot_run(run_dir: str) -> list[str]:
     weights (MetaRec runs).
     """
     run_dir = run_dir.rstrip("/")
-    rows = read_history(run_dir)
+    from metarec.run_dir import RunDir  # (imports torch: not needed to draw)
+
+    rows = RunDir(run_dir).read_history()
     _matplotlib()  # fail before drawing anything
     title = run_dir.rsplit("/", 1)[-1]
     figures = {CURVES_FILE: draw_curves(rows, title)}

@@ -7,8 +7,8 @@ checkpoint also holds are never materialised as parameters and no source domain 
 read, so serving costs the target's size, not the sources'.
 
 Scores are the model's full-ranking scores after the last `data.max_len` history items
-(`last_position_scores`, DESIGN §2); padding and every item of the history are excluded
-(DESIGN §5 excludes the input window; here the whole history, since a user rarely wants
+(`last_position_scores`, docs/design.md §2); padding and every item of the history are excluded
+(docs/design.md §5 excludes the input window; here the whole history, since a user rarely wants
 to be recommended what they already have).
 """
 
@@ -19,29 +19,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from metarec import fs
-from metarec.checkpoint import load_checkpoint, restore_model
-from metarec.config import Config, load_run_config
+from metarec.config import Config
 from metarec.data.batches import left_pad
 from metarec.data.domain import Domain, load_item_map
 from metarec.errors import DataError, MetaRecError, NonFiniteError, quote
 from metarec.models.recommender import Recommender
 from metarec.objective import last_position_scores
-
-BEST_CHECKPOINT = "checkpoints/best"
+from metarec.run_dir import RunDir
 
 
 def load_target_model(run_dir: str, cfg: Config, n_items: int) -> Recommender:
     """A target-only Recommender (eval mode, CPU) holding the best checkpoint's shared and target tensors."""
-    checkpoint_uri = fs.join(run_dir, BEST_CHECKPOINT)
-    checkpoint = load_checkpoint(checkpoint_uri)
-    target = cfg.data.target
-    model = Recommender({target: n_items}, cfg.model)
-    wanted = dict(model.named_parameters()).keys()
-    restore_model(model, {k: v for k, v in checkpoint.params.items() if k in wanted}, checkpoint_uri)
+    run = RunDir(run_dir)
+    model = Recommender({cfg.data.target: n_items}, cfg.model)
+    run.restore_best(model, subset=True)
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
-            raise NonFiniteError(f"{checkpoint_uri}: non-finite weights in tensor {name!r}; the checkpoint cannot serve")
+            raise NonFiniteError(f"{run.best_uri}: non-finite weights in tensor {name!r}; the checkpoint cannot serve")
     return model.eval()
 
 
@@ -90,7 +84,7 @@ def recommend(run_dir: str, *, user: str | None = None, history: list[str] | Non
     if k < 1:
         raise MetaRecError(f"k must be >= 1, got {k}")
     run_dir = run_dir.rstrip("/")
-    cfg = load_run_config(run_dir)
+    cfg = RunDir(run_dir).read_config()
     root, target = cfg.data.root, cfg.data.target
     if cfg.data.target_users and cfg.data.subsample_items == "compact":
         raise MetaRecError(f"{run_dir}: trained with data.subsample_items=compact (a benchmark protocol); its item IDs are not the domain's, so it cannot recommend")

@@ -1,7 +1,22 @@
-"""Opening a run directory for training: lock it, decide what a start or a resume may do.
+"""The run directory: its layout, reading and writing its files, and the lock.
+
+Every file name of a run directory appears here and nowhere else; the trainer, the
+commands (`evaluate`, `recommend`, `plot`, `compare`), `tune` and the benchmarks ask
+`RunDir` for what they need (docs/design.md §7 describes the layout):
+
+    RUN_DIR/
+      config.yaml          the validated config the run trains with
+      history.jsonl        one JSON row per step (losses; `val` metrics at evaluations)
+      metrics.json         the final summary: best validation, test metrics, timings
+      checkpoints/best/    parameters of the best validation step
+      checkpoints/step-N/  resumable checkpoints (parameters, optimizer, RNG, counters)
+      .lock                held while a `train` writes the directory (local only)
+
+A checkpoint directory's own files are `metarec.checkpoint`'s business.
 
 `open_run(out, cfg, resume=..., refuse_existing=...)` is the one door into a run
-directory; everything below happens under its lock and *before* anything is written:
+directory for training; everything below happens under its lock and *before* anything
+is written:
 
 - Lock (local directories): `OUT/.lock`, held with `flock(LOCK_EX | LOCK_NB)` for the
   whole run, so a second `train` on the same directory refuses at once. The kernel
@@ -27,20 +42,35 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+import yaml
+
 from metarec import fs
-from metarec.checkpoint import step_checkpoints
-from metarec.config import Config, load_run_config
-from metarec.errors import CheckpointError, ConfigError, quote
+from metarec.checkpoint import Checkpoint, load_checkpoint, restore_model, save_checkpoint
+from metarec.config import Config, config_from_dict, dump_config
+from metarec.errors import CheckpointError, ConfigError, MetaRecError, bounded, quote
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.yaml"
-STARTED_MARKERS = ("history.jsonl", "metrics.json", "checkpoints")
+HISTORY_FILE = "history.jsonl"
+METRICS_FILE = "metrics.json"
+CHECKPOINTS_DIR = "checkpoints"
+BEST = "best"
+STARTED_MARKERS = (HISTORY_FILE, METRICS_FILE, CHECKPOINTS_DIR)
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+# Keys that runs written before they were removed from the config still hold in their
+# config.yaml; dropped on reading when they hold their old default (fault injection is
+# the test-only METAREC_TEST_FAIL_TASK_ONCE now: metarec.runners.ray_runner).
+_RETIRED_KEYS = {("ray", "fail_task_once"): [], ("ray", "fail_iteration"): None}
 
 # Keys a resume may change. They steer how long and how observably the run goes on, or
 # where it computes, never what an optimizer step does: the learning rate, for one, is
@@ -58,8 +88,6 @@ RESUMABLE_KEYS = frozenset({
     "ray.cpus_per_worker",
     "ray.gpus_per_worker",
     "ray.max_task_retries",
-    "ray.fail_task_once",
-    "ray.fail_iteration",
 })
 
 _STALE_TEMP = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{32}$")
@@ -71,6 +99,165 @@ class RunLockedError(ConfigError):
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ layout
+
+
+def step_checkpoints(root: str) -> list[tuple[int, str]]:
+    """(step, uri) of the `step-N` checkpoint directories under `root`, ascending."""
+    if not fs.exists(root):
+        return []
+    found = []
+    for name in fs.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m:
+            found.append((int(m.group(1)), f"{root}/{name}"))
+    return sorted(found)
+
+
+class RunDir:
+    """The files of one run directory `uri` (a local path or an object-store URI)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/") or uri
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def _join(self, *parts: str) -> str:
+        return fs.join(self.uri, *parts)
+
+    @property
+    def config_uri(self) -> str:
+        return self._join(CONFIG_FILE)
+
+    @property
+    def history_uri(self) -> str:
+        return self._join(HISTORY_FILE)
+
+    @property
+    def metrics_uri(self) -> str:
+        return self._join(METRICS_FILE)
+
+    @property
+    def checkpoints_uri(self) -> str:
+        return self._join(CHECKPOINTS_DIR)
+
+    @property
+    def best_uri(self) -> str:
+        return self._join(CHECKPOINTS_DIR, BEST)
+
+    def step_uri(self, step: int) -> str:
+        return self._join(CHECKPOINTS_DIR, f"step-{step:08d}")
+
+    # ------------------------------------------------------------ config
+
+    def write_config(self, cfg: Config) -> None:
+        fs.makedirs(self.uri)
+        fs.atomic_write_bytes(self.config_uri, dump_config(cfg).encode())
+
+    def has_config(self) -> bool:
+        return fs.exists(self.config_uri)
+
+    def read_config(self) -> Config:
+        """The validated config the run was trained with; CheckpointError if there is none."""
+        uri = self.config_uri
+        if not fs.exists(uri):
+            raise CheckpointError(f"{self.uri}: not a run directory (no {CONFIG_FILE})")
+        try:
+            raw = yaml.safe_load(fs.read_text(uri))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{uri}: not a UTF-8 text file (byte {err.start}: {err.reason})") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{uri}: not valid YAML: {bounded(str(err), 300)}") from None
+        return config_from_dict(_drop_retired_keys(raw), uri)
+
+    # ------------------------------------------------------------ history and metrics
+
+    def write_history(self, rows: list[dict[str, Any]]) -> None:
+        fs.atomic_write_bytes(self.history_uri, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+    def read_history(self) -> list[dict[str, Any]]:
+        """The rows of the history; MetaRecError names the file (and line) if missing or malformed."""
+        uri = self.history_uri
+        if not fs.exists(uri):
+            raise MetaRecError(f"{uri}: no training history (is {self.uri} a run directory?)")
+        rows = []
+        for number, line in enumerate(fs.read_text(uri).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise MetaRecError(f"{uri}, line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise MetaRecError(f"{uri}, line {number}: expected an object with an integer 'step'")
+            rows.append(row)
+        if not rows:
+            raise MetaRecError(f"{uri}: empty training history")
+        return rows
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        fs.atomic_write_bytes(self.metrics_uri, json.dumps(metrics, indent=1).encode())
+
+    def finished(self) -> bool:
+        """True once the run wrote its final metrics (all steps or early stop, then the test)."""
+        return fs.exists(self.metrics_uri)
+
+    def read_metrics(self) -> dict[str, Any]:
+        return json.loads(fs.read_bytes(self.metrics_uri))
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_best(self, model: torch.nn.Module, state: dict[str, Any]) -> None:
+        """Parameters (no optimizer state) as `checkpoints/best`."""
+        save_checkpoint(self.best_uri, model, None, state)
+
+    def save_step(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  state: dict[str, Any], keep: int) -> None:
+        """A resumable `checkpoints/step-N`; then delete all but the newest `keep` of them."""
+        save_checkpoint(self.step_uri(step), model, optimizer, state)
+        for _step, uri in self.step_checkpoints()[:-keep]:
+            fs.remove(uri)
+
+    def step_checkpoints(self) -> list[tuple[int, str]]:
+        """(step, uri) of the step checkpoints, ascending."""
+        return step_checkpoints(self.checkpoints_uri)
+
+    def latest_step_checkpoint(self) -> Checkpoint | None:
+        """The newest complete step checkpoint; torn ones are skipped with a warning."""
+        for _step, uri in reversed(self.step_checkpoints()):
+            try:
+                return load_checkpoint(uri)
+            except CheckpointError as err:
+                warnings.warn(f"skipping torn checkpoint: {err}", stacklevel=2)
+        return None
+
+    def load_best(self) -> Checkpoint:
+        return load_checkpoint(self.best_uri)
+
+    def restore_best(self, model: torch.nn.Module, *, subset: bool = False) -> None:
+        """Copy the best checkpoint's parameters into `model` (the one way to restore a run's
+        model). `subset`: `model` holds only some of the run's tensors (a target-only model
+        for serving); the checkpoint's other tensors are ignored. A tensor `model` has and
+        the checkpoint lacks, or of another shape, is a CheckpointError either way."""
+        params = self.load_best().params
+        if subset:
+            wanted = dict(model.named_parameters()).keys()
+            params = {k: v for k, v in params.items() if k in wanted}
+        restore_model(model, params, self.best_uri)
+
+
+def _drop_retired_keys(raw: Any) -> Any:
+    """`raw` without `_RETIRED_KEYS` that still hold their old default (older runs' config.yaml)."""
+    if not isinstance(raw, dict):
+        return raw
+    for (section, key), default in _RETIRED_KEYS.items():
+        values = raw.get(section)
+        if isinstance(values, dict) and key in values and values[key] == default:
+            del values[key]
+    return raw
 
 
 # ------------------------------------------------------------------ lock
@@ -126,8 +313,8 @@ def run_started(out: str) -> bool:
     if not fs.isdir(out):
         return False
     names = set(fs.listdir(out))
-    if "checkpoints" in names and not fs.listdir(fs.join(out, "checkpoints")):
-        names.discard("checkpoints")
+    if CHECKPOINTS_DIR in names and not fs.listdir(fs.join(out, CHECKPOINTS_DIR)):
+        names.discard(CHECKPOINTS_DIR)
     return any(m in names for m in STARTED_MARKERS)
 
 
@@ -148,10 +335,11 @@ def changed_keys(old: Config, new: Config) -> list[str]:
 
 def check_resume(out: str, cfg: Config) -> None:
     """Raise unless `out` holds a run that `cfg` may resume (module docstring)."""
-    if not fs.isdir(out) or not fs.exists(fs.join(out, CONFIG_FILE)):
-        what = "does not exist" if not fs.exists(out) else "holds no run (no config.yaml)"
+    run = RunDir(out)
+    if not fs.isdir(out) or not run.has_config():
+        what = "does not exist" if not fs.exists(out) else f"holds no run (no {CONFIG_FILE})"
         raise CheckpointError(f"{out}: nothing to resume: the directory {what}; train without --resume to start a run")
-    stored = load_run_config(out)
+    stored = run.read_config()
     changed = changed_keys(stored, cfg)
     refused = [k for k in changed if k not in RESUMABLE_KEYS]
     if refused:
@@ -160,7 +348,7 @@ def check_resume(out: str, cfg: Config) -> None:
         more = f" and {len(refused) - 5} more" if len(refused) > 5 else ""
         raise ConfigError(f"{out}: cannot resume with a changed config ({detail}{more}); only "
                           f"{', '.join(sorted(RESUMABLE_KEYS))} may change on resume")
-    if not step_checkpoints(fs.join(out, "checkpoints")) and fs.exists(fs.join(out, "metrics.json")):
+    if not run.step_checkpoints() and run.finished():
         raise CheckpointError(f"{out}: the run has finished and kept no step checkpoint (train.checkpoint_every="
                               f"{stored.train.checkpoint_every}), so there is nothing to resume; "
                               "use `metarec evaluate` or train into another --out")
@@ -171,7 +359,7 @@ def check_resume(out: str, cfg: Config) -> None:
 def clean_stale_temp(out: str) -> list[str]:
     """Delete hidden temp siblings of interrupted atomic writes; return what was deleted."""
     removed = []
-    for folder in (out, fs.join(out, "checkpoints")):
+    for folder in (out, fs.join(out, CHECKPOINTS_DIR)):
         if not fs.isdir(folder):
             continue
         for name in fs.listdir(folder, include_hidden=True):

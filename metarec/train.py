@@ -1,20 +1,22 @@
 """The training loop: target-only, joint, or MetaRec, locally or with Ray workers.
 
-Read it top to bottom: build data and model, then per step either
-- target-only: one AdamW step on the target cross-entropy;
+Read it top to bottom: per step either
+- target-only: one optimizer step on the target cross-entropy;
 - joint (`meta.enabled: false`): one step on source + target losses of the sampled tasks;
 - MetaRec: the runner computes each task's meta gradient (`run_task`), the driver
-  softmax-rescales them per tensor and applies the outer update (DESIGN §4);
-validate every `eval_every` steps, keep the best-validation checkpoint, stop early,
-test once with the best parameters.
+  softmax-rescales them per tensor and applies the outer update (docs/design.md §4);
+every step ends in `metarec.optimizer.clip_check_step`. Validate every `eval_every`
+steps, keep the best-validation checkpoint, stop early, test once with the best
+parameters.
 
-The run directory (local or s3://) holds `config.yaml`, `history.jsonl`,
-`metrics.json` and `checkpoints/{best,step-N}`.
+The trainer takes a `Problem` (data + model + device, `metarec.problem`), a run
+directory (`metarec.run_dir.RunDir`, which owns every file it writes) and, for MetaRec,
+a runner (`LocalRunner` by default, or `RayRunner`). `train()` opens the run
+directory (lock, start/resume checks) and builds all three from a config.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -24,127 +26,29 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from metarec import fastpath, fs
-from metarec.checkpoint import (
-    Checkpoint,
-    check_optimizer_state,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    restore_model,
-    save_checkpoint,
-    step_checkpoints,
-)
-from metarec.config import Config, dump_config, load_run_config
-from metarec.data.batches import TrainWindows
-from metarec.data.domain import Domain, load_domains
-from metarec.errors import CheckpointError, ConfigError, DataError, NonFiniteError, quote
-from metarec.eval import evaluate
+from metarec.checkpoint import Checkpoint, check_optimizer_state, restore_model
+from metarec.config import Config
+from metarec.errors import CheckpointError, quote
+from metarec.evaluate import evaluate_run
 from metarec.meta.joint import joint_loss
 from metarec.meta.outer import apply_meta_update
-from metarec.meta.run_task import TaskContext
 from metarec.meta.tasks import TaskSampler
-from metarec.models.recommender import Recommender
-from metarec.objective import domain_loss, last_position_scores
+from metarec.objective import domain_loss
+from metarec.optimizer import clip_check_step, make_optimizer
+from metarec.problem import Problem, build_problem, resolve_device, target_metrics
+from metarec.run_dir import BEST, RunDir, open_run
+from metarec.runners.local import LocalRunner
 
-BEST = "best"
+# Problem, build_problem, resolve_device, target_metrics (metarec.problem), make_optimizer
+# (metarec.optimizer), BEST (metarec.run_dir) and evaluate_run (metarec.evaluate) lived
+# here before issue 13; they stay importable from here for existing callers.
+__all__ = ["BEST", "Problem", "RunState", "Trainer", "build_problem", "evaluate_run", "make_optimizer",
+           "resolve_device", "target_metrics", "train"]
 
 
 def _log(message: str) -> None:
     """Progress messages go to stderr (stdout is for results), above any progress bar."""
     tqdm.write(message, file=sys.stderr)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`train.device` as a torch device; a CUDA device this machine does not have is a ConfigError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            have = f"only {count} CUDA device(s)" if count else "no CUDA device (torch.cuda.is_available() is False)"
-            raise ConfigError(f"train.device: {name!r} is not available: this machine has {have}; use 'auto' or 'cpu'")
-    return device
-
-
-def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    t = cfg.train
-    params = list(model.parameters())
-    if t.optimizer == "sgd":  # plain SGD with beta reproduces paper Eq. 8
-        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
-    if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-
-
-@dataclass
-class Problem:
-    """Data and model of one run, built once from the config (also by Ray workers)."""
-
-    cfg: Config
-    domains: dict[str, Domain]
-    windows: dict[str, TrainWindows]
-    model: Recommender
-    device: torch.device
-
-    @property
-    def target(self) -> str:
-        return self.cfg.data.target
-
-    def task_context(self) -> TaskContext:
-        return TaskContext(model=self.model, windows=self.windows, cfg=self.cfg, target=self.target, device=self.device)
-
-
-def build_problem(cfg: Config, device: torch.device | None = None) -> Problem:
-    """Load the domains, build training windows and the (seeded) model."""
-    device = device or resolve_device(cfg.train.device)
-    names = [cfg.data.target, *cfg.data.sources]
-    domains = load_domains(cfg.data.root, names)
-    if cfg.data.target_users:
-        seed = cfg.seed if cfg.data.subsample_seed is None else cfg.data.subsample_seed
-        domains[cfg.data.target] = domains[cfg.data.target].subsample_users(
-            cfg.data.target_users, seed, compact_items=cfg.data.subsample_items == "compact"
-        )
-    windows = {}
-    for name, dom in domains.items():
-        max_len = cfg.data.max_len if name == cfg.data.target else (cfg.data.source_max_len or cfg.data.max_len)
-        windows[name] = TrainWindows(dom.train_sequences(), max_len)
-    check_trainable(domains, windows, cfg.data.target)
-    torch.manual_seed(cfg.seed)
-    model = Recommender({n: d.n_items for n, d in domains.items()}, cfg.model).to(device)
-    return Problem(cfg=cfg, domains=domains, windows=windows, model=model, device=device)
-
-
-def check_trainable(domains: dict[str, Domain], windows: dict[str, TrainWindows], target: str) -> None:
-    """Refuse, before any training, domains whose users are all too short to train or evaluate on."""
-    if not domains[target].eval_examples("val")[1].size:
-        raise DataError(f"target domain {target!r}: no user has the 3 items leave-one-out needs "
-                        "(training, validation, test), so there is nothing to validate or test on")
-    for name, w in windows.items():
-        if not len(w):
-            raise DataError(f"domain {name!r}: no training pair (every user's training part has fewer than 2 items)")
-
-
-def target_metrics(problem: Problem, split: str) -> dict[str, float]:
-    """Full-ranking metrics of the current parameters on the target's val or test split."""
-    cfg, model = problem.cfg, problem.model
-    histories, targets = problem.domains[problem.target].eval_examples(split)
-    params = dict(model.named_parameters())
-    was_training = model.training
-    model.eval()
-    try:
-        return evaluate(
-            lambda inputs: last_position_scores(model, params, problem.target, inputs.to(problem.device)),
-            histories,
-            targets,
-            cfg.data.max_len,
-            batch_size=cfg.train.eval_batch_size,
-            exclude_history=cfg.train.eval_exclude_history,
-            length_buckets=fastpath.enabled(),
-        )
-    finally:
-        model.train(was_training)
 
 
 @dataclass
@@ -176,59 +80,47 @@ class RunState:
             raise ValueError(f"run.step {self.step} does not match the {len(self.history)} history rows")
 
 
-def _check_finite(model: torch.nn.Module, loss: torch.Tensor, step: int, total_norm: torch.Tensor | None = None) -> None:
-    """Raise NonFiniteError if the loss or any gradient holds a NaN or an infinity.
-
-    One host sync for the whole step: the gradients' total norm is finite exactly when
-    every gradient is (barring an overflow of the norm itself); only when the check fails
-    are the tensors examined one by one to name the culprit.
-    """
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if total_norm is None:
-        total_norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
-    if bool(torch.isfinite(loss) & torch.isfinite(total_norm)):
-        return
-    if not torch.isfinite(loss):
-        raise NonFiniteError(f"iteration {step}: loss is {loss.item()}")
-    for name, p in model.named_parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            raise NonFiniteError(f"iteration {step}: non-finite gradient in tensor '{name}'")
-
-
 class Trainer:
+    """The loop of one run over `problem`, writing into `run_dir`.
+
+    `runner` (MetaRec only): runs each iteration's tasks (`run_tasks(params, specs)`,
+    `close()`); default `LocalRunner` on the problem's task context. `on_eval` is called
+    after every validation with the history row and the trainer (Tune reports there).
+    """
+
     def __init__(
         self,
-        cfg: Config,
-        out_dir: str,
-        runner_factory: Callable[[Problem], Any] | None = None,
+        problem: Problem,
+        run_dir: str | RunDir,
+        runner: Any = None,
         on_eval: Callable[[dict[str, Any], "Trainer"], None] | None = None,
     ):
-        self.cfg = cfg
-        self.on_eval = on_eval  # called after every validation with the history row (Tune reports here)
-        self.out = out_dir.rstrip("/")
-        self.problem = build_problem(cfg)
-        self.model = self.problem.model
+        self.problem = problem
+        self.cfg = cfg = problem.cfg
+        self.on_eval = on_eval
+        self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        self.out = self.run.uri
+        self.model = problem.model
         self.optimizer = make_optimizer(self.model, cfg)
         self.state = RunState()
-        t = self.problem.target
-        self.sampler = None if cfg.method == "target_only" else TaskSampler(
-            sources=list(cfg.data.sources),
-            source_sizes={s: len(self.problem.windows[s]) for s in cfg.data.sources},
-            target_size=len(self.problem.windows[t]),
-            n_tasks=cfg.meta.tasks_per_iter,
-            source_batch_size=cfg.meta.source_batch_size or cfg.train.batch_size,
-            target_batch_size=cfg.train.batch_size,
-            sampling=cfg.data.source_sampling,
-            seed=cfg.seed,
-        )
+        self.sampler = None if cfg.method == "target_only" else TaskSampler.from_config(cfg, problem.windows)
         self.target_rng = np.random.default_rng(cfg.seed)  # target-only batches
         self.runner = None
         if cfg.method == "metarec":
-            if runner_factory is None:
-                from metarec.runners.local import LocalRunner
+            self.runner = runner if runner is not None else LocalRunner(problem.task_context())
 
-                runner_factory = lambda problem: LocalRunner(problem.task_context())  # noqa: E731
-            self.runner = runner_factory(self.problem)
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Config,
+        run_dir: str | RunDir,
+        runner_factory: Callable[[Problem], Any] | None = None,
+        on_eval: Callable[[dict[str, Any], "Trainer"], None] | None = None,
+    ) -> "Trainer":
+        """Build the problem of `cfg` and, for MetaRec, the runner `runner_factory(problem)`."""
+        problem = build_problem(cfg)
+        runner = runner_factory(problem) if runner_factory is not None and cfg.method == "metarec" else None
+        return cls(problem, run_dir, runner, on_eval)
 
     # ------------------------------------------------------------------ steps
 
@@ -253,13 +145,7 @@ class Trainer:
     def _finish_step(self, loss: torch.Tensor, step: int, stats: dict[str, Any]) -> dict[str, float]:
         """Check, clip (`train.grad_clip`), step; tensor stats come to the host in one transfer."""
         self._sync_grads()
-        with_grad = [p for p in self.model.parameters() if p.grad is not None]
-        # = clip_grad_norm_ split in two, so the norm also serves the finiteness check
-        total_norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad]) if with_grad else loss.new_zeros(())
-        _check_finite(self.model, loss, step, total_norm)
-        if self.cfg.train.grad_clip and with_grad:
-            torch.nn.utils.clip_grads_with_norm_(with_grad, self.cfg.train.grad_clip, total_norm)
-        self.optimizer.step()
+        clip_check_step(dict(self.model.named_parameters()), self.optimizer, self.cfg.train.grad_clip, step, loss=loss)
         keys = [k for k, v in stats.items() if isinstance(v, torch.Tensor)]
         loss_value, *values = torch.stack([loss.detach(), *(stats[k] for k in keys)]).cpu().tolist()
         return {"loss": loss_value, **stats, **dict(zip(keys, values))}
@@ -297,25 +183,24 @@ class Trainer:
     def _state_payload(self) -> dict[str, Any]:
         return {"run": self.state.to_json(), "sampler": self.sampler.state_dict() if self.sampler else None, "target_rng": self.target_rng.bit_generator.state, "config": self.cfg.to_dict()}
 
-    def save(self, tag: str, with_optimizer: bool) -> None:
-        save_checkpoint(f"{self.out}/checkpoints/{tag}", self.model, self.optimizer if with_optimizer else None, self._state_payload())
-
-    def resume(self, root: str | None = None) -> bool:
-        """Restore the newest complete step checkpoint under `root` (default: this run's); False if none."""
-        root = root or f"{self.out}/checkpoints"
-        ckpt = latest_checkpoint(root)
+    def resume(self, run: RunDir | None = None) -> bool:
+        """Restore the newest complete step checkpoint of `run` (default: this run); False if none."""
+        run = run or self.run
+        root = run.checkpoints_uri
+        ckpt = run.latest_step_checkpoint()
         if ckpt is None:
-            if step_checkpoints(root):
+            if run.step_checkpoints():
                 raise CheckpointError(f"{root}: every step checkpoint is torn or unreadable; nothing to resume from")
             return False
-        self.restore(ckpt, root)
+        self.restore(ckpt, root, where=run.uri)
         return True
 
-    def restore(self, ckpt: Checkpoint, root: str) -> None:
-        """Parameters, optimizer, sampler, RNGs and counters from a step checkpoint (`root` names it in errors)."""
-        restore_model(self.model, ckpt.params, root)
+    def restore(self, ckpt: Checkpoint, root: str, where: str) -> None:
+        """Parameters, optimizer, sampler, RNGs and counters from a step checkpoint
+        (errors name `where`, the run, and `root`, its checkpoints)."""
+        restore_model(self.model, ckpt.params, where)
         if ckpt.optimizer is None:
-            raise CheckpointError(f"{root}: step checkpoint has no optimizer state")
+            raise CheckpointError(f"{where}: step checkpoint has no optimizer state")
         check_optimizer_state(ckpt.optimizer, self.model, self.optimizer, root)
         try:
             missing = set(RunState.__dataclass_fields__) - set(ckpt.state["run"])
@@ -332,16 +217,11 @@ class Trainer:
             torch.set_rng_state(ckpt.torch_rng)
         self.state = run
 
-    def _write_history(self) -> None:
-        lines = "".join(json.dumps(r) + "\n" for r in self.state.history)
-        fs.atomic_write_bytes(f"{self.out}/history.jsonl", lines.encode())
-
     # ------------------------------------------------------------------- loop
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         cfg = self.cfg
-        fs.makedirs(self.out)
-        fs.atomic_write_bytes(f"{self.out}/config.yaml", dump_config(cfg).encode())
+        self.run.write_config(cfg)
         if resume and self.resume():
             _log(f"resumed {self.out} at step {self.state.step}")
         bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, disable=not cfg.train.progress, desc=f"{cfg.name} [{cfg.method}]", dynamic_ncols=True)
@@ -368,18 +248,17 @@ class Trainer:
                 if val["NDCG@10"] > self.state.best_ndcg:
                     self.state.best_ndcg, self.state.best_step, self.state.best_val = val["NDCG@10"], step + 1, val
                     self.state.evals_since_best = 0
-                    self.save(BEST, with_optimizer=False)
+                    self.run.save_best(self.model, self._state_payload())
                 else:
                     self.state.evals_since_best += 1
                     stop = self.state.evals_since_best >= cfg.train.patience
                 _log(f"step {step + 1}: val NDCG@10 {val['NDCG@10']:.5f} (best {self.state.best_ndcg:.5f} @ {self.state.best_step})")
             self.state.history.append(row)
             if "val" in row:
-                self._write_history()
+                self.run.write_history(self.state.history)
             if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
-                self._write_history()
-                self.save(f"step-{step + 1:08d}", with_optimizer=True)
-                prune_checkpoints(f"{self.out}/checkpoints", cfg.train.keep_checkpoints)
+                self.run.write_history(self.state.history)
+                self.run.save_step(step + 1, self.model, self.optimizer, self._state_payload(), cfg.train.keep_checkpoints)
             if "val" in row and self.on_eval is not None:
                 self.on_eval(row, self)
             self._after_step(row)
@@ -387,12 +266,11 @@ class Trainer:
                 _log(f"early stop at step {step + 1}: no improvement in {cfg.train.patience} evaluations")
                 break
         bar.close()
-        self._write_history()
+        self.run.write_history(self.state.history)
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
-        best = load_checkpoint(f"{self.out}/checkpoints/{BEST}")
-        restore_model(self.model, best.params, self.out)
+        self.run.restore_best(self.model)
         test = target_metrics(self.problem, "test")
         metrics = {
             "method": self.cfg.method,
@@ -406,7 +284,7 @@ class Trainer:
             "source_weights": _weights_over_time(self.state.history),
             "worker_replacements": sum(r.get("worker_replacements", 0) for r in self.state.history),
         }
-        fs.atomic_write_bytes(f"{self.out}/metrics.json", json.dumps(metrics, indent=1).encode())
+        self.run.write_metrics(metrics)
         if self.runner is not None:
             self.runner.close()
         return metrics
@@ -418,19 +296,8 @@ def _weights_over_time(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def train(cfg: Config, out_dir: str, *, resume: bool = False, runner_factory=None, on_eval=None,
           refuse_existing: bool = False) -> dict[str, Any]:
-    """Train per `cfg` into `out_dir` (locked, checked first: `metarec.run_dir`); returns the
-    metrics written to metrics.json. `refuse_existing`: refuse a directory holding a started run."""
-    from metarec.run_dir import open_run
-
+    """Train per `cfg` into `out_dir` (locked, checked first: `metarec.run_dir.open_run`); returns
+    the final metrics the run directory records. `refuse_existing`: refuse a directory
+    holding a started run."""
     with open_run(out_dir, cfg, resume=resume, refuse_existing=refuse_existing):
-        return Trainer(cfg, out_dir, runner_factory, on_eval).fit(resume=resume)
-
-
-def evaluate_run(run_dir: str) -> dict[str, float]:
-    """Recompute the test metrics of a run directory from its best checkpoint."""
-    run_dir = run_dir.rstrip("/")
-    cfg = load_run_config(run_dir)
-    problem = build_problem(cfg)
-    best = load_checkpoint(f"{run_dir}/checkpoints/{BEST}")
-    restore_model(problem.model, best.params, run_dir)
-    return target_metrics(problem, "test")
+        return Trainer.from_config(cfg, out_dir, runner_factory, on_eval).fit(resume=resume)

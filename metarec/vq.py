@@ -1,4 +1,4 @@
-"""Multi-head vector quantization onto the target item table (MetaRec §III-B).
+"""Multi-head vector quantization onto the target item table (docs/design.md §3; MetaRec §III-B).
 
 The codebook is the target table `items.<target>` rows 1..K_t viewed as H heads of
 width d/H; no parameters of its own. A source embedding is split into the same H
@@ -19,7 +19,7 @@ _SIMS_BLOCK_ELEMENTS = 2**22
 
 @torch.no_grad()
 def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, heads: int, chunk_size: int = 4096) -> torch.Tensor:
-    """Head-wise cosine nearest neighbour (paper Eq. 2).
+    """Head-wise cosine nearest neighbour (docs/design.md Eq. (3); paper Eq. 2).
 
     z: (N, d) vectors, codebook: (K, d). Returns (N, H) indices into the codebook.
     Computed under no_grad in chunks of `chunk_size` rows, so memory is
@@ -60,7 +60,7 @@ def gather_codes(codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 
 def vq_loss(z_e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
-    """Per-row L_vq = ||z_q - sg(z_e)||^2 + ||sg(z_q) - z_e||^2 (paper Eq. 3). Shape (N,)."""
+    """Per-row L_vq = ||z_q - sg(z_e)||^2 + ||sg(z_q) - z_e||^2 (docs/design.md Eq. (4); paper Eq. 3). Shape (N,)."""
     return ((z_q - z_e.detach()) ** 2).sum(-1) + ((z_q.detach() - z_e) ** 2).sum(-1)
 
 

@@ -3,6 +3,7 @@
 A real `Recommender` (parameter names `items.<d>`, `bias.<d>`, `encoder.*`) with, by
 default, a small causal test encoder in place of the registry backbone (fast, and
 independent of the backbones), on tiny synthetic sequences cut by `TrainWindows`.
+`meta_train` runs the real `Trainer` on it as an in-memory `Problem`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from torch import nn
 
 from metarec.config import Config, config_from_dict
 from metarec.data.batches import TrainWindows
-from metarec.meta import TaskContext, TaskSampler, apply_meta_update
+from metarec.meta import TaskContext, TaskSampler
 from metarec.models.recommender import Recommender
+from metarec.problem import Problem
 from metarec.runners.local import LocalRunner
+from metarec.train import Trainer
 
 
 @contextmanager
@@ -106,29 +109,17 @@ def toy_setup(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32, ba
     return model, TaskContext(model=model, windows=toy_windows(cfg), cfg=cfg, target=cfg.data.target)
 
 
+def toy_problem(model: Recommender, ctx: TaskContext) -> Problem:
+    """An in-memory Problem of the toy model and windows (no evaluation data: steps only)."""
+    return Problem(cfg=ctx.cfg, domains={}, windows=ctx.windows, model=model, device=torch.device(ctx.device))
+
+
 def toy_sampler(ctx: TaskContext) -> TaskSampler:
-    cfg = ctx.cfg
-    return TaskSampler(
-        sources=cfg.data.sources,
-        source_sizes={s: len(ctx.windows[s]) for s in cfg.data.sources},
-        target_size=len(ctx.windows[cfg.data.target]),
-        n_tasks=cfg.meta.tasks_per_iter,
-        source_batch_size=cfg.meta.source_batch_size or cfg.train.batch_size,
-        target_batch_size=cfg.train.batch_size,
-        sampling=cfg.data.source_sampling,
-        seed=cfg.seed,
-    )
+    """The run's task sampler (`TaskSampler.from_config`) over the toy windows."""
+    return TaskSampler.from_config(ctx.cfg, ctx.windows)
 
 
 def meta_train(model: nn.Module, ctx: TaskContext, iterations: int, runner=None) -> list[dict]:
-    """The outer loop: sample tasks, run them, apply the meta update. Returns the infos."""
-    cfg = ctx.cfg
-    sampler = toy_sampler(ctx)
-    runner = runner or LocalRunner(ctx)
-    params = dict(model.named_parameters())
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    infos = []
-    for it in range(iterations):
-        results = runner.run_tasks(params, sampler.sample(it))
-        infos.append(apply_meta_update(params, optimizer, results, cfg, it))
-    return infos
+    """`iterations` steps of the real Trainer on the toy problem (run directory unused). Returns the infos."""
+    trainer = Trainer(toy_problem(model, ctx), "unused", runner or LocalRunner(ctx))
+    return [trainer.step(it) for it in range(iterations)]

@@ -173,7 +173,7 @@ def test_a_huge_domain_name_is_quoted_cut(tmp_path):
     ("name", "../../etc", "'name'"),
     ("data.target", "../x", "'data.target'"),
     ("model.hidden", 10**9, "'model.hidden'"),
-    ("ray.fail_iteration", -3, "'ray.fail_iteration'"),
+    ("ray.max_task_retries", -3, "'ray.max_task_retries'"),
 ])
 def test_out_of_range_config_values(domains, tmp_path, key, value, fragment):
     config = write_config(tmp_path / "c.yaml", domains)

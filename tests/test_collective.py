@@ -1,4 +1,4 @@
-"""The collective meta update gives the driver runner's result (issue 14, DESIGN §6).
+"""The collective meta update gives the driver runner's result (issue 14, docs/design.md §6).
 
 First without Ray (W workers as threads around an exact in-process sum), then on Ray
 Train's gloo process group in a private loopback Ray instance: 3 iterations with 2 and 3
@@ -93,7 +93,7 @@ class ThreadSum:
 
 def steps(cfg, factory=None, lock=None) -> tuple[dict[str, torch.Tensor], list[dict]]:
     with lock or threading.Lock():  # the model's seeded init uses torch's global RNG
-        trainer = Trainer(cfg, "unused", factory)
+        trainer = Trainer.from_config(cfg, "unused", factory)
     rows = [trainer.step(it) for it in range(ITERATIONS)]
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, [r["weights"] for r in rows]
 
@@ -177,7 +177,7 @@ def test_the_driver_receives_metrics_not_gradients(collective_runs, root):
     """Each step's report to the driver is its JSON history row: far below θ's size, while
     the workers' all-reduce carries the gradients (2 (W-1)/W x the summed buffer each)."""
     _, rows, _ = collective_runs(2)
-    theta_bytes = sum(p.numel() * p.element_size() for p in Trainer(tiny_config(root), "unused").model.parameters())
+    theta_bytes = sum(p.numel() * p.element_size() for p in Trainer.from_config(tiny_config(root), "unused").model.parameters())
     for row in rows:
         assert 0 < row["bytes_to_driver"] < 0.01 * theta_bytes * 3  # the driver runner gets >= 3 task results
         assert row["bytes_per_worker"] > 0.5 * row["collective_payload_bytes"] > 0

@@ -69,7 +69,7 @@ def test_subsample_compact_items_renumbers_the_items_the_users_hold():
 
 def test_subsample_seed_fixes_the_target_users_across_run_seeds(tiny_domains, tmp_path):
     from metarec.config import config_from_dict
-    from metarec.train import build_problem
+    from metarec.problem import build_problem
 
     def users(seed, subsample_seed):
         data = {"root": str(tiny_domains), "target": "target", "target_users": 12, "subsample_seed": subsample_seed, "subsample_items": "compact"}

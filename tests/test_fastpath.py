@@ -138,7 +138,7 @@ def _steps(root: str, out: str, method: str, reference: bool, steps: int = 2):
     from metarec.train import Trainer
 
     torch.manual_seed(99)
-    trainer = Trainer(config_from_dict(_train_config(root, method)), out)
+    trainer = Trainer.from_config(config_from_dict(_train_config(root, method)), out)
     with fastpath.reference_paths(reference):
         infos = [trainer.step(i) for i in range(steps)]
     return infos, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}

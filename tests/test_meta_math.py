@@ -17,7 +17,6 @@ from metarec.meta import (
     softmax_weights,
     source_loss_options,
     tensor_similarities,
-    tensor_similarity,
 )
 from metarec.objective import domain_loss
 
@@ -116,10 +115,14 @@ def test_inner_loop_is_functional_sgd():
 def test_tensor_similarity_is_cosine_and_zero_for_zero_tensors():
     g = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     u = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
-    assert tensor_similarity(g, u) == pytest.approx(0.5)  # flattened: 1 / (√2 · √2)
-    assert tensor_similarity(g, -g) == pytest.approx(-1.0)
-    assert tensor_similarity(g, torch.zeros_like(g)) == 0.0
-    assert tensor_similarity(torch.zeros_like(g), u) == 0.0
+
+    def similarity(a, b):
+        return tensor_similarities({"p": a}, {"p": b})[0].get("p", 0.0)
+
+    assert similarity(g, u) == pytest.approx(0.5)  # flattened: 1 / (√2 · √2)
+    assert similarity(g, -g) == pytest.approx(-1.0)
+    assert similarity(g, torch.zeros_like(g)) == 0.0
+    assert similarity(torch.zeros_like(g), u) == 0.0
 
 
 def test_tensor_similarities_marks_touched_tensors():

@@ -1,4 +1,4 @@
-"""Task sampling, run_task, the outer update and the local runner (DESIGN §4, §6)."""
+"""Task sampling, run_task, the outer update and the local runner (docs/design.md §4, §6)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,20 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from meta_toy import meta_train, one_torch_thread, toy_config, toy_sampler, toy_setup
+from meta_toy import meta_train, one_torch_thread, toy_config, toy_problem, toy_sampler, toy_setup
 
 from metarec.errors import CheckpointError, NonFiniteError
 from metarec.meta import (
     TaskSampler,
     apply_meta_update,
     combine,
-    joint_loss,
     run_task,
     task_seed,
     task_weight,
 )
 from metarec.objective import domain_loss
 from metarec.runners.local import LocalRunner
+from metarec.train import Trainer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -285,20 +285,13 @@ def test_results_do_not_depend_on_task_order(backbone):
 
 
 def test_joint_loss_trains_source_and_target():
-    cfg = toy_config(meta={"enabled": False})
+    cfg = toy_config(meta={"enabled": False}, train={"lr": 3e-2})
     model, ctx = toy_setup(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
-    sampler = toy_sampler(ctx)
+    trainer = Trainer(toy_problem(model, ctx), "unused")
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
-    params = dict(model.named_parameters())
-    stats = []
-    for it in range(15):
-        optimizer.zero_grad(set_to_none=True)
-        loss, parts = joint_loss(model, params, sampler.sample(it), ctx)
-        assert float(loss.detach()) == pytest.approx((parts["source_loss"] + parts["vq_loss"] * cfg.vq.weight + parts["target_loss"]), rel=1e-5)
-        loss.backward()
-        optimizer.step()
-        stats.append(parts)
+    stats = [trainer.step(it) for it in range(15)]
+    for parts in stats:
+        assert parts["loss"] == pytest.approx(parts["source_loss"] + parts["vq_loss"] * cfg.vq.weight + parts["target_loss"], rel=1e-5)
     assert np.mean([s["target_loss"] for s in stats[-5:]]) < np.mean([s["target_loss"] for s in stats[:5]])
     assert np.mean([s["source_loss"] for s in stats[-5:]]) < np.mean([s["source_loss"] for s in stats[:5]])
     for name in ("items.a", "items.b", "items.t", "encoder.mix.weight"):

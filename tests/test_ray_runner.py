@@ -1,4 +1,4 @@
-"""The Ray runner: same update as the local runner, faults change no result (DESIGN §6).
+"""The Ray runner: same update as the local runner, faults change no result (docs/design.md §6).
 
 One private Ray instance (2 CPUs, token auth on, temp HOME) serves the whole module.
 """
@@ -19,6 +19,7 @@ from metarec.config import config_from_dict
 from metarec.data.synthetic import generate_domains
 from metarec.errors import DataError, NonFiniteError
 from metarec.runners.ray_runner import (
+    FAIL_TASK_ONCE_ENV,
     RayRunner,
     WorkerFailedError,
     enable_local_token_auth,
@@ -71,7 +72,7 @@ def tiny_config(root: str, **ray_options):
 
 def meta_train(cfg, runner_factory=None, before_iteration=None) -> tuple[dict[str, torch.Tensor], Trainer]:
     """ITERATIONS outer steps of the real Trainer; returns the parameters and the trainer."""
-    trainer = Trainer(cfg, "unused", runner_factory)
+    trainer = Trainer.from_config(cfg, "unused", runner_factory)
     try:
         for it in range(ITERATIONS):
             if before_iteration is not None:
@@ -96,7 +97,7 @@ def assert_same_params(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
 def reference(root) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(initial, after ITERATIONS) parameters with the local runner."""
     cfg = tiny_config(root)
-    initial = {n: p.detach().clone() for n, p in Trainer(cfg, "unused").model.named_parameters()}
+    initial = {n: p.detach().clone() for n, p in Trainer.from_config(cfg, "unused").model.named_parameters()}
     return initial, meta_train(cfg)[0]
 
 
@@ -128,9 +129,9 @@ def test_ray_runner_matches_local_runner(ray_home, root, reference):
     assert runner.worker_replacements == 0
 
 
-def test_injected_worker_deaths_change_no_result(ray_home, root, reference):
-    cfg = tiny_config(root, fail_iteration=1, fail_task_once=[1])
-    got, trainer = meta_train(cfg, ray_factory)
+def test_injected_worker_deaths_change_no_result(ray_home, root, reference, monkeypatch):
+    monkeypatch.setenv(FAIL_TASK_ONCE_ENV, "1:1")
+    got, trainer = meta_train(tiny_config(root), ray_factory)
     assert trainer.runner.worker_replacements == 1
     assert_same_params(got, reference[1])
 
@@ -161,7 +162,7 @@ def test_killed_workers_change_no_result(ray_home, root, reference, monkeypatch)
 def test_a_task_that_keeps_failing_stops_the_run(ray_home, root, reference, monkeypatch):
     monkeypatch.setattr(RayRunner, "_should_die", lambda self, spec: spec.index == 0)
     runner = RayRunner(tiny_config(root, max_task_retries=1, num_workers=1))
-    specs = Trainer(tiny_config(root), "unused").sampler.sample(0)
+    specs = Trainer.from_config(tiny_config(root), "unused").sampler.sample(0)
     start = time.monotonic()
     try:
         with pytest.raises(WorkerFailedError, match=r"iteration 0: task 0 \(source '.+'\) failed 2 times \(ray.max_task_retries = 1\)"):
@@ -174,7 +175,7 @@ def test_a_task_that_keeps_failing_stops_the_run(ray_home, root, reference, monk
 
 def test_a_task_past_its_timeout_counts_as_failed(ray_home, root, reference):
     runner = RayRunner(tiny_config(root, max_task_retries=0, num_workers=1), task_timeout_s=0.01)
-    specs = Trainer(tiny_config(root), "unused").sampler.sample(0)
+    specs = Trainer.from_config(tiny_config(root), "unused").sampler.sample(0)
     try:
         with pytest.raises(WorkerFailedError, match=r"task 0 .* failed 1 times .*no result within task_timeout_s=0.01 s"):
             runner.run_tasks(reference[0], specs)
@@ -184,7 +185,7 @@ def test_a_task_past_its_timeout_counts_as_failed(ray_home, root, reference):
 
 def test_task_errors_surface_as_the_original_error(ray_home, root, reference):
     runner = RayRunner(tiny_config(root, num_workers=1))
-    specs = Trainer(tiny_config(root), "unused").sampler.sample(0)
+    specs = Trainer.from_config(tiny_config(root), "unused").sampler.sample(0)
     poisoned = {n: torch.full_like(t, float("nan")) if n.startswith("encoder.") else t for n, t in reference[0].items()}
     try:
         with pytest.raises(NonFiniteError, match="iteration 0"):
@@ -207,10 +208,11 @@ def test_worker_config_makes_a_local_data_root_absolute(root, monkeypatch):
     assert worker_config(tiny_config("s3://bucket/prepared"))["data"]["root"] == "s3://bucket/prepared"
 
 
-def test_a_replaced_worker_is_logged_and_counted_in_history(ray_home, root, tmp_path, capfd):
-    cfg = tiny_config(root, fail_iteration=1, fail_task_once=[1])
+def test_a_replaced_worker_is_logged_and_counted_in_history(ray_home, root, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv(FAIL_TASK_ONCE_ENV, "1:1")
+    cfg = tiny_config(root)
     cfg.train.max_steps, cfg.train.eval_every = ITERATIONS, ITERATIONS
-    metrics = Trainer(cfg, str(tmp_path / "run"), ray_factory).fit()
+    metrics = Trainer.from_config(cfg, str(tmp_path / "run"), ray_factory).fit()
     err = capfd.readouterr().err
     replaced = [line for line in err.splitlines() if line.startswith("replaced Ray worker")]
     assert len(replaced) == 1, err[-2000:]

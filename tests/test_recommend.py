@@ -20,7 +20,8 @@ from metarec.data.synthetic import planted_structure, simulate_domain
 from metarec.errors import CheckpointError, DataError, MetaRecError
 from metarec.objective import last_position_scores
 from metarec.recommend import recommend
-from metarec.train import build_problem, train
+from metarec.problem import build_problem
+from metarec.train import train
 
 SIZES = {"src-a": (60, 40, 10), "src-b": (50, 36, 10), "shop": (40, 30, 6)}  # users, items, seq_len
 MAX_LEN = 5

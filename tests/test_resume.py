@@ -1,4 +1,4 @@
-"""Checkpoint/resume (DESIGN §6): a SIGKILLed run resumed with --resume ends exactly where
+"""Checkpoint/resume (docs/design.md §6): a SIGKILLed run resumed with --resume ends exactly where
 an uninterrupted run ends; torn checkpoints are skipped with a warning. Local runner."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from metarec.checkpoint import step_checkpoints
+from metarec.run_dir import step_checkpoints
 from metarec.config import load_config
 from metarec.train import train
 

@@ -11,7 +11,8 @@ import yaml
 
 from metarec.config import config_from_dict
 from metarec.errors import CheckpointError, DataError, NonFiniteError
-from metarec.train import Trainer, evaluate_run, train
+from metarec.evaluate import evaluate_run
+from metarec.train import Trainer, train
 
 METAREC = [sys.executable, "-m", "metarec.cli"]
 
@@ -53,7 +54,7 @@ def test_target_only_run_dir_and_evaluate(tiny_domains, tmp_path):
 
 def test_training_lowers_the_target_loss(tiny_domains, tmp_path):
     cfg = config_from_dict(tiny_config(tiny_domains, max_steps=40, eval_every=40))
-    trainer = Trainer(cfg, str(tmp_path / "run"))
+    trainer = Trainer.from_config(cfg, str(tmp_path / "run"))
     trainer.fit()
     losses = [r["loss"] for r in trainer.state.history]
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
@@ -75,7 +76,7 @@ def test_joint_and_metarec_runs_record_weights(tiny_domains, tmp_path, method_ov
 
 
 def test_nan_loss_stops_with_named_error(tiny_domains, tmp_path):
-    trainer = Trainer(config_from_dict(tiny_config(tiny_domains)), str(tmp_path / "run"))
+    trainer = Trainer.from_config(config_from_dict(tiny_config(tiny_domains)), str(tmp_path / "run"))
     with torch.no_grad():
         trainer.model.encoder.parameters().__next__().fill_(float("nan"))
     with pytest.raises(NonFiniteError, match="iteration 0"):

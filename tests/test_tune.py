@@ -125,6 +125,25 @@ def test_space_resolves_base_config_and_overrides(files):
     assert space.params["meta.inner_lr"].values == (1e-3, 1e-1)  # YAML's "1e-3" strings read as numbers
 
 
+def test_a_finished_trial_handed_back_by_resume_is_not_run_again(files, tmp_path, monkeypatch):
+    """An interrupt can land after a trial wrote its test metrics but before Tune saved
+    that; `--resume` then hands the trial back, and it must not train or rewrite anything."""
+    from types import SimpleNamespace
+
+    from ray import tune as ray_tune
+
+    from tune.sweep import metarec_trial, trial_run_dir
+
+    run = Path(trial_run_dir(str(tmp_path), "t0"))
+    (run / "checkpoints" / "best").mkdir(parents=True)
+    (run / "metrics.json").write_text('{"test": {"NDCG@10": 0.5}}')
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in run.rglob("*")}
+    monkeypatch.setattr(ray_tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t0"))
+    monkeypatch.setattr(ray_tune, "get_checkpoint", lambda: pytest.fail("a finished trial must not restore a checkpoint"))
+    metarec_trial({"rescale.tau": 0.5, "vq.heads": 2, "meta.inner_lr": 0.01, "train.lr": 1e-3}, space=load_space(files["space"]), experiment_uri=str(tmp_path))
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in run.rglob("*")} == before
+
+
 # ---------------------------------------------------------------- the sweep
 
 

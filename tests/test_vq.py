@@ -1,4 +1,4 @@
-"""Multi-head vector quantization onto the target table (DESIGN §3)."""
+"""Multi-head vector quantization onto the target table (docs/design.md §3)."""
 
 from __future__ import annotations
 

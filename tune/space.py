@@ -1,4 +1,4 @@
-"""Search-space files for `metarec tune` (DESIGN §6, "Tune").
+"""Search-space files for `metarec tune` (docs/design.md §6, "Tune").
 
 A space file is YAML:
 
@@ -44,8 +44,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from metarec import fs
-from metarec.config import Config, config_from_dict, parse_override, suggest_key
+from metarec.config import (
+    Config,
+    absolute_data_root,
+    config_from_dict,
+    format_validation_error,
+    leaf_field,
+    parse_override,
+    set_dotted,
+    suggest_key,
+)
 from metarec.errors import ConfigError
 from metarec.eval import METRIC_KS
 
@@ -90,27 +98,9 @@ class Param:
         return None
 
 
-def _config_field(key: str):
-    """The pydantic field of dotted `key` in `Config` (None if there is no such leaf key)."""
-    model: type[BaseModel] = Config
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        info = model.model_fields.get(part)
-        if info is None:
-            return None
-        ann = info.annotation
-        is_section = isinstance(ann, type) and issubclass(ann, BaseModel)
-        if i == len(parts) - 1:
-            return None if is_section else info
-        if not is_section:
-            return None
-        model = ann
-    return None
-
-
 def check_config_key(key: str, where: str) -> None:
     """ConfigError unless `key` is a dotted leaf key of the run config."""
-    if not isinstance(key, str) or _config_field(key) is None:
+    if not isinstance(key, str) or leaf_field(key) is None:
         hint = suggest_key(str(key))
         raise ConfigError(f"{where}: unknown config key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
 
@@ -155,7 +145,7 @@ def parse_param(key: str, spec: Any, where: str) -> Param:
         raise ConfigError(f"{here}: loguniform bounds must be positive, got [{low}, {high}]")
     if kind == "randint" and not all(isinstance(a, int) for a in args):
         raise ConfigError(f"{here}: randint bounds must be integers, got {args!r}")
-    if kind in ("uniform", "loguniform") and _config_field(key).annotation is int:
+    if kind in ("uniform", "loguniform") and leaf_field(key).annotation is int:
         raise ConfigError(f"{here}: '{key}' is an integer; use choice or randint, not {kind}")
     return Param(key, kind, (low, high))
 
@@ -219,7 +209,7 @@ class SearchSpace:
         raw = copy.deepcopy(self.base)
         for layer in layers:
             for key, value in layer.items():
-                set_dotted(raw, key, value)
+                set_dotted(raw, key, value, f"{self.path}: {key}")
         return config_from_dict(raw, f"{self.path} (trial {layers[0] if layers else {}})")
 
     @property
@@ -231,16 +221,6 @@ class SearchSpace:
         """Evaluations of a full trial (ASHA's max_t): every eval_every steps and at the last step."""
         t = self.base_config.train
         return math.ceil(t.max_steps / t.eval_every)
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
-    for part in key.split(".")[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[key.rsplit(".", 1)[-1]] = value
 
 
 def _find_base_config(space_path: Path, base: str) -> Path:
@@ -283,25 +263,11 @@ def _check_corners(space: SearchSpace) -> None:
                 space.config({key: value})
 
 
-def _absolute_data_root(raw: dict[str, Any]) -> None:
-    data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("root"), str) and not fs.is_uri(data["root"]):
-        data["root"] = os.path.abspath(os.path.expanduser(data["root"]))
-
-
-def _format_space_error(err: ValidationError, where: str) -> str:
-    msgs = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            fields = list(_SpaceFile.model_fields) + list(_Scheduler.model_fields) + list(_Resources.model_fields)
-            close = difflib.get_close_matches(loc.rsplit(".", 1)[-1], fields, n=1)
-            msgs.append(f"{where}: unknown key '{loc}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        elif e["type"] == "missing":
-            msgs.append(f"{where}: missing required key '{loc}'")
-        else:
-            msgs.append(f"{where}: invalid value for '{loc}': {e['msg']}")
-    return "; ".join(msgs)
+def _suggest_space_key(loc: str) -> str:
+    """Nearest field name of a space file to the last part of `loc` ('' if none is close)."""
+    fields = list(_SpaceFile.model_fields) + list(_Scheduler.model_fields) + list(_Resources.model_fields)
+    close = difflib.get_close_matches(loc.rsplit(".", 1)[-1], fields, n=1)
+    return close[0] if close else ""
 
 
 def load_space(path: str | os.PathLike, sets: tuple[str, ...] | list[str] = ()) -> SearchSpace:
@@ -322,7 +288,7 @@ def load_space(path: str | os.PathLike, sets: tuple[str, ...] | list[str] = ()) 
     try:
         spec = _SpaceFile.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_space_error(err, where)) from None
+        raise ConfigError(format_validation_error(err, where, _suggest_space_key)) from None
     if spec.metric not in VAL_METRICS:
         raise ConfigError(f"{where}: metric '{spec.metric}' is not a validation metric (one of {', '.join(VAL_METRICS)})")
     if not spec.params:
@@ -337,15 +303,15 @@ def load_space(path: str | os.PathLike, sets: tuple[str, ...] | list[str] = ()) 
         raise ConfigError(f"{base_path}: expected a mapping at the top level")
     for key, value in spec.overrides.items():
         check_config_key(key, f"{where}: overrides")
-        set_dotted(base, key, value)
+        set_dotted(base, key, value, f"{where}: overrides: {key}")
     for text in sets:
         parts, value = parse_override(text)
         key = ".".join(parts)
         check_config_key(key, f"--set {text!r}")
         if key in spec.params:
             raise ConfigError(f"--set {text!r}: '{key}' is a tuned parameter of {where}; remove it from params to fix it")
-        set_dotted(base, key, value)
-    _absolute_data_root(base)
+        set_dotted(base, key, value, f"--set {text!r}")
+    absolute_data_root(base)
     params = {key: parse_param(key, value, where) for key, value in spec.params.items()}
     base_cfg = config_from_dict(copy.deepcopy(base), f"{base_path} (with the overrides of {where}" + (f" and --set {' '.join(sets)})" if sets else ")"))
 

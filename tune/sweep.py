@@ -1,4 +1,4 @@
-"""`metarec tune SPACE`: a Ray Tune sweep over τ, VQ heads, α, β (DESIGN §6, "Tune").
+"""`metarec tune SPACE`: a Ray Tune sweep over τ, VQ heads, α, β (docs/design.md §6, "Tune").
 
 Each trial trains one MetaRec run (`metarec.train.train`) into
 `<experiment>/<trial_id>/run/` and, after every validation, reports the target
@@ -17,7 +17,6 @@ coloured by heads; needs matplotlib).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -27,9 +26,9 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from metarec import fs
-from metarec.checkpoint import step_checkpoints
 from metarec.config import dump_config
 from metarec.errors import ConfigError, MetaRecError
+from metarec.run_dir import METRICS_FILE, RunDir
 from tune.progress import TrialProgress
 from tune.space import SearchSpace, load_space
 
@@ -65,15 +64,15 @@ def _report(row: dict[str, Any], trainer, *, run_dir: str, metric: str) -> None:
     evals = [r for r in trainer.state.history if "val" in r]
     best = max(evals, key=lambda r: r["val"][metric])
     metrics = {**{k: v for k, v in row["val"].items() if k != "n_users"}, "step": step, f"best_{metric}": best["val"][metric], "best_step": best["step"]}
-    ckpt_root = f"{run_dir}/checkpoints"
-    step_dirs = dict(step_checkpoints(ckpt_root))
+    run = RunDir(run_dir)
+    step_dirs = dict(run.step_checkpoints())
     if step not in step_dirs:  # the last step of a run that is not a multiple of eval_every
         ray_tune.report(metrics)
         return
     staging = tempfile.mkdtemp(prefix="metarec-tune-")
-    try:
+    try:  # the checkpoints folder, as Tune's checkpoint: the newest step-N and best
         _copy_tree(step_dirs[step], os.path.join(staging, os.path.basename(step_dirs[step])))
-        _copy_tree(f"{ckpt_root}/best", os.path.join(staging, "best"))
+        _copy_tree(run.best_uri, os.path.join(staging, os.path.basename(run.best_uri)))
         ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(staging))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -91,7 +90,12 @@ def metarec_trial(config: dict[str, Any], *, space: SearchSpace, experiment_uri:
     run_dir = trial_run_dir(experiment_uri, trial_id)
     evals = space.base_config.train.eval_every
     cfg = space.config(config, {"name": f"{space.name}-{trial_id}", "train.checkpoint_every": evals, "train.progress": False})
-    ckpt_root = f"{run_dir}/checkpoints"
+    if RunDir(run_dir).finished():
+        # The trial ran to its end (test metrics written) but an interrupt came before Tune
+        # saved that in the experiment state, so `--resume` hands it back: a finished run is
+        # never trained or rewritten again; its reports are already in Tune's results.
+        return
+    ckpt_root = RunDir(run_dir).checkpoints_uri
     fs.remove(ckpt_root)  # Tune's checkpoint (or none) is the trial's state, not what a killed attempt left
     checkpoint = ray_tune.get_checkpoint()
     if checkpoint is not None:
@@ -199,7 +203,7 @@ def _tuner(space: SearchSpace, experiment_uri: str, storage_uri: str, name: str,
 
 def _trial_row(result, space: SearchSpace, experiment_uri: str) -> dict[str, Any]:
     """One results row: sampled parameters, best validation metric, test metrics, evaluations."""
-    from metarec.train import evaluate_run
+    from metarec.evaluate import evaluate_run
 
     trial_id = os.path.basename(result.path.rstrip("/"))
     run_dir = trial_run_dir(experiment_uri, trial_id)
@@ -215,8 +219,9 @@ def _trial_row(result, space: SearchSpace, experiment_uri: str) -> dict[str, Any
     if result.error is not None:
         row.update(status=STATUS_ERROR, test=None, test_source=None, error=str(result.error).strip().splitlines()[-1])
         return row
-    if fs.exists(f"{run_dir}/metrics.json"):  # the trial ran to its end (all steps, or patience)
-        row.update(status=STATUS_COMPLETED, test=json.loads(fs.read_bytes(f"{run_dir}/metrics.json"))["test"], test_source="metrics.json")
+    run = RunDir(run_dir)
+    if run.finished():  # the trial ran to its end (all steps, or patience)
+        row.update(status=STATUS_COMPLETED, test=run.read_metrics()["test"], test_source=METRICS_FILE)
     else:  # stopped by ASHA (possibly at a rung on its last evaluation) before it could test: test its best checkpoint now
         row.update(status=STATUS_STOPPED, test=evaluate_run(run_dir), test_source="best checkpoint (evaluate_run)")
     return row
@@ -245,33 +250,21 @@ def results_markdown(rows: list[dict[str, Any]], space: SearchSpace, experiment_
 
 def plot_sweep(rows: list[dict[str, Any]], space: SearchSpace) -> bytes | None:
     """PNG of the best validation metric vs τ, one colour per heads value (None without matplotlib or τ)."""
-    if "rescale.tau" not in space.params:
-        return None
-    try:
-        import matplotlib
+    from metarec.plots import draw_scatter
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if "rescale.tau" not in space.params:
         return None
     best_col = f"best_val_{space.metric}"
     done = [r for r in rows if r[best_col] is not None]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    groups = {}
     for heads in sorted({r["params"].get("vq.heads") for r in done}, key=str):
         pts = [r for r in done if r["params"].get("vq.heads") == heads]
         label = f"heads={heads}" if "vq.heads" in space.params else None
-        ax.scatter([r["params"]["rescale.tau"] for r in pts], [r[best_col] for r in pts], label=label, alpha=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("τ (rescale.tau)")
-    ax.set_ylabel(f"best validation {space.metric}")
-    ax.set_title(space.name)
-    if "vq.heads" in space.params:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+        groups[label] = ([r["params"]["rescale.tau"] for r in pts], [r[best_col] for r in pts])
+    try:
+        return draw_scatter(groups, xlabel="τ (rescale.tau)", ylabel=f"best validation {space.metric}", title=space.name, log_x=True)
+    except MetaRecError:  # matplotlib is not importable: no plot
+        return None
 
 
 def write_outputs(rows: list[dict[str, Any]], space: SearchSpace, experiment_uri: str) -> dict[str, Any]:

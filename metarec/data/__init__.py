@@ -1,4 +1,4 @@
-"""Data layer: readers, prepared-domain format, leave-one-out splits, batches (DESIGN §1)."""
+"""Data layer: readers, prepared-domain format, leave-one-out splits, batches (docs/design.md §1)."""
 
 from metarec.data.batches import TrainWindows, left_pad
 from metarec.data.domain import Domain, load_domains, load_item_map

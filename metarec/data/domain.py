@@ -1,4 +1,4 @@
-"""A prepared domain in memory, and its leave-one-out splits (DESIGN §1).
+"""A prepared domain in memory, and its leave-one-out splits (docs/design.md §1).
 
 Leave-one-out per user with n chronological items: the last item is the test target,
 the second-to-last the validation target, the rest is training. Users with n < 3 have

@@ -1,4 +1,4 @@
-"""Prepare a domain: read an input file, write `OUT/NAME/` in the prepared format (DESIGN §1).
+"""Prepare a domain: read an input file, write `OUT/NAME/` in the prepared format (docs/design.md §1).
 
 Layout of a prepared domain directory:
 - `data.parquet`: one row per user, `user: string`, `items: list<int32>` (dense IDs

@@ -4,7 +4,7 @@ Two steps, both vectorised (numpy / pyarrow, no per-token Python loop):
 1. a reader (`read_sequences`, `read_interactions`) parses a file into `Events`, one
    row per interaction in file order, users and items as codes into key arrays;
 2. `build_sequences` applies k-core filtering, sorts each user's events
-   chronologically (stable) and re-indexes items densely to 1..K (DESIGN §1).
+   chronologically (stable) and re-indexes items densely to 1..K (docs/design.md §1).
 
 Every problem with the input raises `DataError` naming the file, the line/row and
 what is wrong.

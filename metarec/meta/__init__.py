@@ -1,4 +1,4 @@
-"""Meta transfer with per-layer gradient rescaling (MetaRec §III-C, DESIGN §4)."""
+"""Meta transfer with per-layer gradient rescaling (MetaRec §III-C, docs/design.md §4)."""
 
 from metarec.meta.inner_loop import inner_loop
 from metarec.meta.joint import joint_loss
@@ -8,7 +8,6 @@ from metarec.meta.rescale import (
     descent_direction,
     softmax_weights,
     tensor_similarities,
-    tensor_similarity,
 )
 from metarec.meta.run_task import TaskContext, TaskResult, run_task, source_loss_options
 from metarec.meta.tasks import TaskSampler, TaskSpec, task_seed
@@ -29,5 +28,4 @@ __all__ = [
     "task_seed",
     "task_weight",
     "tensor_similarities",
-    "tensor_similarity",
 ]

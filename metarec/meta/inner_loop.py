@@ -1,4 +1,4 @@
-"""Functional inner loop of meta transfer (paper Eq. 4, DESIGN §4 step 2)."""
+"""Functional inner loop of meta transfer (docs/design.md §4 step 2, Eq. (5); paper Eq. 4)."""
 
 from __future__ import annotations
 

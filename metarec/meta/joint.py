@@ -1,4 +1,4 @@
-"""Joint training on source and target losses: the `meta.enabled: false` ablation (DESIGN §4).
+"""Joint training on source and target losses: the `meta.enabled: false` ablation (docs/design.md §4).
 
 Same tasks, same batches and the same VQ source loss as meta transfer, but the caller
 takes one ordinary optimizer step on the summed losses instead of inner loop + meta

@@ -1,13 +1,13 @@
-"""The outer step of meta transfer (paper Eq. 8, DESIGN §4 steps 5–6).
+"""The outer step of meta transfer (docs/design.md §4 steps 5–7, Eq. (8)–(9); paper Eq. 8).
 
-Combines the tasks' meta gradients with per-tensor softmax weights, clips, checks,
-steps the optimizer, and (with `meta.source_params: persist_inner`) lets the
+Combines the tasks' meta gradients with per-tensor softmax weights, clips, checks and
+steps the optimizer (`metarec.optimizer.clip_check_step`, shared with the other
+methods), and (with `meta.source_params: persist_inner`) lets the
 source-only tables keep what their inner loops learned.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -15,32 +15,9 @@ import torch
 from torch import nn
 
 from metarec.config import Config
-from metarec.errors import NonFiniteError
 from metarec.meta.rescale import combine
-from metarec.meta.run_task import TaskResult, nonfinite_tensors, source_only_names
-
-
-def _clip_check_step(params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, cfg: Config, iteration: int) -> float:
-    """Check the `.grad`s are finite, clip their global norm (`train.grad_clip`), step.
-
-    Returns the gradient norm before clipping. Raises NonFiniteError naming the
-    first tensor (by name) whose gradient holds a NaN or an infinity.
-    """
-    with_grad = {n: p for n, p in params.items() if p.grad is not None}
-    grads = [p.grad for p in with_grad.values()]
-    # = clip_grad_norm_ split in two: the total norm doubles as the finiteness check
-    # (one host sync); only a non-finite norm sends us looking for the culprit
-    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-    norm_value = float(norm)
-    if not math.isfinite(norm_value):
-        bad = nonfinite_tensors({n: p.grad for n, p in with_grad.items()})
-        if bad:
-            raise NonFiniteError(f"non-finite meta gradient for tensor {bad[0]} at iteration {iteration}" + (f" (also: {', '.join(bad[1:])})" if bad[1:] else ""))
-    max_norm = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
-    if grads and math.isfinite(max_norm):  # with no limit the scale is exactly 1
-        torch.nn.utils.clip_grads_with_norm_(list(with_grad.values()), max_norm, norm)
-    optimizer.step()
-    return norm_value
+from metarec.meta.run_task import TaskResult, source_only_names
+from metarec.optimizer import clip_check_step
 
 
 def inner_changes(results: list[TaskResult], weights: dict[str, dict[int, float]], cfg: Config) -> dict[str, torch.Tensor]:
@@ -89,8 +66,8 @@ def task_weight(weights: dict[str, dict[int, float]], pos: int, touched: set[str
     Tensors only this task touched (its source's own table) always weigh 1 and would
     hide the rescaling, so they count only when the task shares nothing (n = 1).
     """
-    shared = [weights[p][pos] for p in touched if len(weights[p]) > 1]
-    own = shared or [weights[p][pos] for p in touched]
+    shared = [weights[p][pos] for p in sorted(touched) if len(weights[p]) > 1]
+    own = shared or [weights[p][pos] for p in sorted(touched)]
     return sum(own) / len(own) if own else 0.0
 
 
@@ -134,7 +111,7 @@ def apply_meta_update(
     for name, p in params.items():
         g = grad.get(name)
         p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
-    grad_norm = _clip_check_step(params, optimizer, cfg, iteration)
+    grad_norm = clip_check_step(params, optimizer, cfg.train.grad_clip, iteration, what="meta gradient")
 
     _add_changes(params, changes)
 

@@ -1,6 +1,6 @@
 """Per-layer, similarity-based rescaling of the tasks' meta gradients.
 
-Paper §III-C, Eq. 6–8; DESIGN §4 steps 4–6. For every parameter tensor p and task i:
+docs/design.md §4 steps 4–6, Eq. (6)–(8) (paper §III-C, Eq. 6–8). For every parameter tensor p and task i:
 u_i^p is the source task's own update direction, s_i^p = cos(g_i^p, u_i^p) (Eq. 6),
 w^p = softmax_i(s_i^p / τ) over the tasks that touched p (Eq. 7), and the outer
 step uses Σ_i w_i^p g_i^p (Eq. 8).
@@ -17,7 +17,7 @@ Direction = Literal["source_descent", "paper_literal"]
 
 
 def descent_direction(theta: torch.Tensor, phi: torch.Tensor, direction: Direction) -> torch.Tensor:
-    """u^p of Eq. 6: θ − φ (`source_descent`, DESIGN §4 default) or φ − θ (`paper_literal`).
+    """u^p of docs/design.md Eq. (6): θ − φ (`source_descent`, docs/design.md §4 default) or φ − θ (`paper_literal`).
 
     θ − φ = α Σ ∇(L_src + L_vq) is the direction the source task descends along; the
     paper prints φ − θ, which would favour the least similar source.
@@ -44,11 +44,6 @@ def _cosine(dot: float, g_norm: float, u_norm: float) -> float:
     if g_norm == 0.0 or u_norm == 0.0:
         return 0.0
     return max(-1.0, min(1.0, dot / (g_norm * u_norm)))
-
-
-def tensor_similarity(g: torch.Tensor, u: torch.Tensor) -> float:
-    """s^p = cos(g^p, u^p) of Eq. 6, with the tensors flattened; 0 if either is zero."""
-    return _cosine(*_cosine_parts(g, u).tolist())
 
 
 def tensor_similarities(

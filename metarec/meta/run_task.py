@@ -1,4 +1,4 @@
-"""One meta task as a pure function: the unit of work of every runner (DESIGN §4, §6).
+"""One meta task as a pure function: the unit of work of every runner (docs/design.md §4, §6).
 
 `run_task(params, task, ctx)` depends only on its inputs: it seeds torch from the task
 spec, so the local runner (in-process) and the Ray runner (in actors, possibly
@@ -24,6 +24,7 @@ from metarec.meta.inner_loop import inner_loop
 from metarec.meta.rescale import descent_direction, tensor_similarities
 from metarec.meta.tasks import TaskSpec
 from metarec.objective import LossParts, domain_loss
+from metarec.optimizer import nonfinite_tensors
 
 
 class Windows(Protocol):
@@ -80,7 +81,7 @@ def source_loss_options(cfg: Config) -> dict[str, Any]:
 
 
 def source_only_names(source: str) -> tuple[str, str]:
-    """The tensors only source `source` uses (DESIGN §4, `meta.source_params`)."""
+    """The tensors only source `source` uses (docs/design.md §4, `meta.source_params`)."""
     return f"items.{source}", f"bias.{source}"
 
 
@@ -91,15 +92,6 @@ def _kept_inner_changes(source: str, theta: dict, phi: dict, cfg: Config) -> lis
     if cfg.meta.persist_shared <= 0:
         return own
     return own + sorted(n for n in theta if n not in own and phi[n] is not theta[n])
-
-
-def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the tensors holding a NaN or an infinity, in name order."""
-    names = sorted(tensors)
-    if not names:
-        return []
-    flags = torch.stack([torch.isfinite(tensors[n]).all() for n in names]).cpu().tolist()
-    return [n for n, ok in zip(names, flags) if not ok]
 
 
 def _describe(task: TaskSpec) -> str:
@@ -125,7 +117,7 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def run_task(params: dict[str, torch.Tensor], task: TaskSpec, ctx: TaskContext) -> TaskResult:
-    """Inner loop on the task's source batch, meta gradient on its target batch (DESIGN §4 steps 2–4).
+    """Inner loop on the task's source batch, meta gradient on its target batch (docs/design.md §4 steps 2–4).
 
     θ = `params` detached (fresh leaves; `params` are never modified), φ = inner_loop(θ)
     on L_src + L_vq, g = d L_target(φ)/dθ (second order unless `meta.first_order`),

@@ -1,4 +1,4 @@
-"""Meta-task sampling (DESIGN §4, step 1).
+"""Meta-task sampling (docs/design.md §4, step 1).
 
 A task is one (source domain, source batch, target batch) triple. All draws of a run
 come from ONE numpy Generator seeded once, so a run is reproducible, and the
@@ -8,11 +8,13 @@ the tasks the uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
+from metarec.config import Config
 from metarec.errors import CheckpointError, DataError
 
 _SEED_MASK = (1 << 64) - 1
@@ -81,6 +83,22 @@ class TaskSampler:
         self.sampling = sampling
         self.seed = seed
         self._rng = np.random.default_rng(np.random.SeedSequence(seed & _SEED_MASK))
+
+    @classmethod
+    def from_config(cls, cfg: Config, windows: Mapping[str, Sized]) -> "TaskSampler":
+        """The sampler of a run: `data.sources`, `meta.tasks_per_iter` tasks, batches of
+        `meta.source_batch_size` (default `train.batch_size`) and `train.batch_size` rows
+        of `windows`, `data.source_sampling`, seeded with `seed`."""
+        return cls(
+            sources=list(cfg.data.sources),
+            source_sizes={s: len(windows[s]) for s in cfg.data.sources},
+            target_size=len(windows[cfg.data.target]),
+            n_tasks=cfg.meta.tasks_per_iter,
+            source_batch_size=cfg.meta.source_batch_size or cfg.train.batch_size,
+            target_batch_size=cfg.train.batch_size,
+            sampling=cfg.data.source_sampling,
+            seed=cfg.seed,
+        )
 
     def _source_probabilities(self) -> np.ndarray | None:
         if self.sampling == "uniform":

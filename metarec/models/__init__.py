@@ -1,4 +1,4 @@
-"""Sequence encoders f_m (DESIGN §2) and the recommender that wraps them.
+"""Sequence encoders f_m (docs/design.md §2) and the recommender that wraps them.
 
 Every encoder maps (emb (B, L, d), mask (B, L) bool, left-padded) -> (B, L, d), causally.
 """

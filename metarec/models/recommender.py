@@ -1,4 +1,4 @@
-"""The recommender f = f_m ∘ f_e (DESIGN §2).
+"""The recommender f = f_m ∘ f_e (docs/design.md §2).
 
 Parameter names the meta-learning code keys on:
 - `items.<domain>`: (K_d + 1) x d item table per domain, row 0 = padding;
@@ -30,6 +30,3 @@ class Recommender(nn.Module):
             self.items[name] = nn.Parameter(table)
             self.bias[name] = nn.Parameter(torch.zeros(k + 1))
         self.encoder = build_encoder(cfg)
-
-    def forward(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover - convenience
-        return self.encoder(emb, mask)

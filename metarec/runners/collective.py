@@ -1,4 +1,4 @@
-"""Collective meta update: the workers combine the meta gradients among themselves (DESIGN §4, §6).
+"""Collective meta update: the workers combine the meta gradients among themselves (docs/design.md §4, §6).
 
 The driver runner gathers every task's meta gradients into the driver (n × |θ|-sized
 tensors per iteration). Here every worker holds θ and the optimizer, runs its share of

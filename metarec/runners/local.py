@@ -1,4 +1,4 @@
-"""In-process runner: runs the tasks of an iteration one after another (DESIGN §6).
+"""In-process runner: runs the tasks of an iteration one after another (docs/design.md §6).
 
 The Ray runner has the same interface and calls the same `run_task` in actors.
 """

@@ -1,4 +1,4 @@
-"""Ray runner: source-task inner loops in `SourceTaskWorker` actors (DESIGN §6).
+"""Ray runner: source-task inner loops in `SourceTaskWorker` actors (docs/design.md §6).
 
 Same interface as `LocalRunner` (`run_tasks(params, specs) -> list[TaskResult]`
 sorted by task index, `close()`), and each worker calls the very same `run_task`, so
@@ -18,6 +18,11 @@ is restarting or gone. A task that fails more than `ray.max_task_retries` times 
 the run with `WorkerFailedError`. Errors raised *by* a task (a `MetaRecError` such as
 `NonFiniteError`, or a worker that cannot load its data) are not retried: they are
 re-raised on the driver as the original error.
+
+Fault injection (tests only): `METAREC_TEST_FAIL_TASK_ONCE=ITERATION:INDEX[,INDEX...]`
+in the driver's environment makes the workers that run those tasks of that iteration die
+mid-task, once each (`os._exit`), as on a lost node. It is not a config key: a user's
+config cannot turn it on, and a run's `config.yaml` never records it.
 
 Token authentication (Ray ≥ 2.5x). `connect(None)` (`metarec train --ray`) starts a
 private local instance bound to 127.0.0.1 and keeps token auth on: unless
@@ -46,11 +51,14 @@ from typing import Any
 import ray
 import torch
 
-from metarec import fs
-from metarec.config import Config, config_from_dict
-from metarec.errors import MetaRecError
+from metarec.config import Config, absolute_data_root, config_from_dict
+from metarec.errors import ConfigError, MetaRecError
 from metarec.meta.run_task import TaskResult, run_task
 from metarec.meta.tasks import TaskSpec
+from metarec.problem import build_problem, resolve_device
+
+
+FAIL_TASK_ONCE_ENV = "METAREC_TEST_FAIL_TASK_ONCE"
 
 
 class WorkerFailedError(MetaRecError):
@@ -65,8 +73,6 @@ class SourceTaskWorker:
     """
 
     def __init__(self, cfg_json: dict[str, Any]):
-        from metarec.train import build_problem, resolve_device
-
         self.init_error: MetaRecError | None = None
         try:
             cfg = config_from_dict(cfg_json, "driver config")
@@ -113,6 +119,7 @@ class RayRunner:
         self._options = {"scheduling_strategy": strategy} if strategy is not None else {}
         self._cfg_json = worker_config(cfg)
         self.workers = [self._spawn() for _ in range(r.num_workers)]
+        self._fail_once = injected_faults()
         self._injected: set[tuple[int, int]] = set()
         self.bytes_last_iteration = 0
         self.last_assignment: dict[int, int] = {}
@@ -149,9 +156,8 @@ class RayRunner:
               f"source {spec.source!r}): {why}", file=sys.stderr, flush=True)
 
     def _should_die(self, spec: TaskSpec) -> bool:
-        r = self.cfg.ray
         key = (spec.iteration, spec.index)
-        if r.fail_iteration == spec.iteration and spec.index in r.fail_task_once and key not in self._injected:
+        if key in self._fail_once and key not in self._injected:
             self._injected.add(key)
             return True
         return False
@@ -217,14 +223,22 @@ class RayRunner:
         self.workers = []
 
 
+def injected_faults() -> frozenset[tuple[int, int]]:
+    """(iteration, task index) pairs of `METAREC_TEST_FAIL_TASK_ONCE` (module docstring); empty if unset."""
+    text = os.environ.get(FAIL_TASK_ONCE_ENV, "").strip()
+    if not text:
+        return frozenset()
+    try:
+        iteration, indices = text.split(":", 1)
+        return frozenset((int(iteration), int(i)) for i in indices.split(",") if i.strip())
+    except ValueError:
+        raise ConfigError(f"{FAIL_TASK_ONCE_ENV}={text!r}: expected ITERATION:INDEX[,INDEX...], e.g. 1:0,2") from None
+
+
 def worker_config(cfg: Config) -> dict[str, Any]:
-    """The config the workers build their problem from: `data.root` made absolute if it
-    is a local directory, so workers whose working directory differs find the data."""
-    raw = cfg.to_dict()
-    root = raw["data"]["root"]
-    if not fs.is_uri(root) and os.path.isdir(root):
-        raw["data"]["root"] = os.path.abspath(root)
-    return raw
+    """The config the workers build their problem from: a local `data.root` made absolute,
+    so workers whose working directory differs find the data."""
+    return absolute_data_root(cfg.to_dict())
 
 
 def tensor_bytes(tensors) -> int:
@@ -318,7 +332,7 @@ def _loopback_node_ip():
 
 
 def ray_runner_factory(address: str | None = None):
-    """`Trainer(runner_factory=...)`: connect (or start Ray), then a RayRunner for the run's config."""
+    """`train(runner_factory=...)` / `Trainer.from_config`: connect (or start Ray), then a RayRunner for the run's config."""
 
     def factory(problem) -> RayRunner:
         connect(address)

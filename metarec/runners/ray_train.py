@@ -53,6 +53,8 @@ from metarec import fs
 from metarec.checkpoint import load_checkpoint
 from metarec.config import Config, config_from_dict
 from metarec.errors import ConfigError, MetaRecError
+from metarec.problem import build_problem, resolve_device
+from metarec.run_dir import RunDir
 from metarec.runners.collective import CollectiveRunner
 from metarec.runners.ray_runner import WorkerFailedError, connect, worker_config
 from metarec.train import Trainer
@@ -124,10 +126,9 @@ class RayTrainTrainer(Trainer):
         self.run_dir = run_dir
         self.resume_run = resume_run
         self._restarted = False
-        factory = None
-        if cfg.method == "metarec":
-            factory = lambda problem: CollectiveRunner(problem.task_context(), comm)  # noqa: E731
-        super().__init__(cfg, out_dir, factory)
+        problem = build_problem(cfg)
+        runner = CollectiveRunner(problem.task_context(), comm) if cfg.method == "metarec" else None
+        super().__init__(problem, out_dir, runner)
 
     def _data_shard(self, rows):
         return rows[self.comm.rank:: self.comm.world]
@@ -162,13 +163,13 @@ class RayTrainTrainer(Trainer):
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as path:
-                self.restore(load_checkpoint(path), ckpt.path)
+                self.restore(load_checkpoint(path), ckpt.path, where=self.run_dir)
             self._restarted = True
             return True
-        return self.resume_run and super().resume(f"{self.run_dir}/checkpoints")
+        return self.resume_run and super().resume(RunDir(self.run_dir))
 
     def _after_step(self, row: dict[str, Any]) -> None:
-        tag = f"{self.out}/checkpoints/step-{row['step']:08d}"
+        tag = self.run.step_uri(row["step"])
         checkpoint = None
         if self.comm.rank == 0 and self.cfg.train.checkpoint_every and row["step"] % self.cfg.train.checkpoint_every == 0:
             checkpoint = ray.train.Checkpoint(tag) if fs.is_uri(tag) else ray.train.Checkpoint.from_directory(tag)
@@ -187,8 +188,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     kill = loop_config.get("kill")
     kill_at = (kill[0], kill_marker(loop_config["out"], *kill)) if kill and kill[1] == rank else None
     scratch = None if rank == 0 else tempfile.mkdtemp(prefix=f"metarec-rank{rank}-")
-    from metarec.train import resolve_device
-
     device = resolve_device(cfg.train.device)
     comm_device = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
     comm = ProcessGroupCollective(rank, world, comm_device, kill_at)
@@ -251,7 +250,7 @@ def fit_with_ray_train(cfg: Config, out_dir: str, *, local: bool, resume: bool =
         trainer.fit()
     except Exception as err:  # noqa: BLE001 - Ray Train wraps the workers' errors; show the first one
         _raise_worker_error(err)
-    return json.loads(fs.read_bytes(fs.join(out_dir, "metrics.json")))
+    return RunDir(out_dir).read_metrics()
 
 
 def _raise_worker_error(err: Exception) -> None:
