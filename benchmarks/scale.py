@@ -207,10 +207,14 @@ def projection(rows: list[dict], args) -> tuple[list[dict], list[str]]:
         "metrics. Per worker the two are comparable (a driver-runner worker pulls θ and sends one task's result, "
         f"{theta_mib + per_task_mib:.0f} MiB; a collective worker sends up to {2 * buffer_mib:.0f} MiB), but the "
         "collective runner moves it on all links at once, while the driver runner funnels n results into one place. "
-        "With W ≤ 3 on one machine (measured above) the all-reduce costs as much as the gather; the gain is "
-        "past the single driver's limit, which these numbers place at some tens of workers on a 10 Gb/s head node. "
-        "and the scalar all-gather (n × (4 · #tensors + 4) floats) stays in the kilobytes. Each task's compute "
-        "stays flat in both. On GPUs the collective runner would use NCCL (Ray Train's default there); the "
+        "With W ≤ 3 on one machine (measured above) the all-reduce costs about as much as the gather (within the "
+        "noise of a loaded machine). The gain lies past the single driver's limit: at the per-MiB cost used here the "
+        f"driver's share is {s_per_mib * (theta_mib + 8 * per_task_mib):.1f} s per iteration at n = 8 and "
+        f"{s_per_mib * (theta_mib + 64 * per_task_mib):.1f} s at n = 64 (at ray_overhead.md's {1000 * reference:.1f} ms/MiB, "
+        f"measured on a less loaded machine: {reference * (theta_mib + 8 * per_task_mib):.2f} s and "
+        f"{reference * (theta_mib + 64 * per_task_mib):.2f} s), growing with n while the collective runner's stays flat. "
+        "The scalar all-gather (n × (4 · #tensors + 4) floats) stays in the kilobytes, and each task's compute "
+        "stays flat in both runners. On GPUs the collective runner would use NCCL (Ray Train's default there); the "
         "seconds above are bandwidth only (no latency terms, no overlap with compute).",
     ]
     return out, notes
