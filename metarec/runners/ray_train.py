@@ -38,6 +38,7 @@ On a cluster, Ray Train's default TCP rendezvous on the head worker's node IP is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -73,12 +74,17 @@ def _loopback_torch_config():
         """Ray Train's torch backend with a file rendezvous and gloo on the loopback device."""
 
         def on_start(self, worker_group, backend_config) -> None:
-            store = os.path.join(tempfile.gettempdir(), f"metarec-pg-{uuid.uuid4().hex}")
+            store = self._store = os.path.join(tempfile.gettempdir(), f"metarec-pg-{uuid.uuid4().hex}")
             worker_group.execute(os.environ.__setitem__, "GLOO_SOCKET_IFNAME", "lo")
             worker_group.execute(_set_torch_distributed_env_vars)
             ray.get([worker_group.execute_single_async(
                 i, _setup_torch_process_group, backend="gloo", world_rank=i, world_size=len(worker_group),
                 init_method=f"file://{store}", timeout_s=backend_config.timeout_s) for i in range(len(worker_group))])
+
+        def on_shutdown(self, worker_group, backend_config) -> None:
+            super().on_shutdown(worker_group, backend_config)
+            with contextlib.suppress(AttributeError, FileNotFoundError):
+                os.remove(self._store)  # the rendezvous file (local, single machine) is left after a killed worker
 
     class LoopbackTorchConfig(TorchConfig):
         @property
