@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -163,14 +162,12 @@ def test_a_task_that_keeps_failing_stops_the_run(ray_home, root, reference, monk
     monkeypatch.setattr(RayRunner, "_should_die", lambda self, spec: spec.index == 0)
     runner = RayRunner(tiny_config(root, max_task_retries=1, num_workers=1))
     specs = Trainer.from_config(tiny_config(root), "unused").sampler.sample(0)
-    start = time.monotonic()
     try:
         with pytest.raises(WorkerFailedError, match=r"iteration 0: task 0 \(source '.+'\) failed 2 times \(ray.max_task_retries = 1\)"):
             runner.run_tasks(reference[0], specs)
     finally:
         runner.close()
-    assert runner.worker_replacements == 1  # after the first death; the second one stops the run
-    assert time.monotonic() - start < 60
+    assert runner.worker_replacements == 1  # after the first death; the second one stops the run (no third attempt)
 
 
 def test_a_task_past_its_timeout_counts_as_failed(ray_home, root, reference):
