@@ -36,7 +36,8 @@ from common import RESULTS, header, prepare_shared_data, write_results
 from metarec.config import config_from_dict
 from metarec.problem import build_problem
 from metarec.runners.ray_runner import RayRunner, connect, result_bytes, tensor_bytes
-from metarec.runners.ray_train import fit_with_ray_train
+from metarec.ray_train import fit_with_ray_train
+from metarec.run_dir import RunDir
 from metarec.train import Trainer
 
 RING = "2 (W - 1) / W"
@@ -133,8 +134,7 @@ def measure_collective(args, root: str, workers: int) -> dict:
     cfg = config_from_dict(bench_config(args, root, "collective", workers), "benchmark config")
     with tempfile.TemporaryDirectory(prefix="metarec-scale-") as out:
         fit_with_ray_train(cfg, out, local=True)
-        with open(os.path.join(out, "history.jsonl")) as f:
-            rows = [json.loads(line) for line in f][args.warmup:]
+        rows = RunDir(out).read_history()[args.warmup:]
     theta = tensor_bytes(p.detach() for p in build_problem(cfg).model.parameters())
     r = row("collective", workers, [x["step_seconds"] + x["report_seconds"] for x in rows],
             [x["bytes_to_driver"] for x in rows], [x["bytes_per_worker"] for x in rows], theta, "cpu")

@@ -154,7 +154,7 @@ def _set_workers(cfg, workers: int) -> None:
 def _train_on_ray_train(cfg, out_dir, resume, ray_address, *, exact_workers: bool) -> dict:
     """`--ray-train` (or `ray.mode: collective`): the training loop on Ray Train workers."""
     from metarec.run_dir import open_run
-    from metarec.runners.ray_train import fit_with_ray_train
+    from metarec.ray_train import fit_with_ray_train
 
     local = _fit_ray_workers(cfg, ray_address, exact=exact_workers)
     with open_run(out_dir, cfg, resume=resume, refuse_existing=True):

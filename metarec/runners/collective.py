@@ -18,7 +18,7 @@ The math is the driver's, term for term; only the order of the float additions o
 all-reduce differs (parameters agree within 1e-6 after 3 iterations, tests/test_collective.py).
 
 Task i runs on worker i mod W. A `Collective` is anything with `rank`, `world`, `device`
-and `all_reduce(tensor, iteration)` (in-place sum); `metarec.runners.ray_train` provides one
+and `all_reduce(tensor, iteration)` (in-place sum); `metarec.ray_train` provides one
 on Ray Train's torch process group.
 """
 

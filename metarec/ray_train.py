@@ -15,7 +15,7 @@ group (gloo on CPU, NCCL on GPU):
 
 Every worker holds a replica of θ and the optimizer and evaluates it (identical
 replicas, so the early-stopping decisions agree); worker 0 writes the run directory
-(config, history, `checkpoints/`, metrics.json: the local run's layout), the others a
+(the local run's layout, `metarec.run_dir`), the others a
 scratch directory. After each step every worker calls `ray.train.report` with the step's
 history row; at a step checkpoint worker 0 attaches it as a `ray.train.Checkpoint` (the
 same safetensors + JSON directory). The driver receives these metrics, never tensors.
@@ -182,7 +182,7 @@ class RayTrainTrainer(Trainer):
         row["bytes_to_driver"] = len(json.dumps(row)) + 32  # the report's metrics, as JSON (+ this key)
         start = time.perf_counter()
         ray.train.report(row, checkpoint=checkpoint)
-        row["report_seconds"] = time.perf_counter() - start  # in history.jsonl, not in the report
+        row["report_seconds"] = time.perf_counter() - start  # in the run's history, not in the report
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -231,7 +231,7 @@ def storage_for(out_dir: str) -> str:
 
 def fit_with_ray_train(cfg: Config, out_dir: str, *, local: bool, resume: bool = False) -> dict[str, Any]:
     """Run `cfg` on `cfg.ray.num_workers` Ray Train workers (connected to Ray already; `local`:
-    the private loopback instance); returns the metrics worker 0 wrote to OUT/metrics.json."""
+    the private loopback instance); returns the final metrics worker 0 wrote to the run directory OUT."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
