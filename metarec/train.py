@@ -29,21 +29,14 @@ from tqdm.auto import tqdm
 from metarec.checkpoint import Checkpoint, check_optimizer_state, restore_model
 from metarec.config import Config
 from metarec.errors import CheckpointError, quote
-from metarec.evaluate import evaluate_run
 from metarec.meta.joint import joint_loss
 from metarec.meta.outer import apply_meta_update
 from metarec.meta.tasks import TaskSampler
 from metarec.objective import domain_loss
 from metarec.optimizer import clip_check_step, make_optimizer
-from metarec.problem import Problem, build_problem, resolve_device, target_metrics
-from metarec.run_dir import BEST, RunDir, open_run
+from metarec.problem import Problem, build_problem, target_metrics
+from metarec.run_dir import RunDir, open_run
 from metarec.runners.local import LocalRunner
-
-# Problem, build_problem, resolve_device, target_metrics (metarec.problem), make_optimizer
-# (metarec.optimizer), BEST (metarec.run_dir) and evaluate_run (metarec.evaluate) lived
-# here before issue 13; they stay importable from here for existing callers.
-__all__ = ["BEST", "Problem", "RunState", "Trainer", "build_problem", "evaluate_run", "make_optimizer",
-           "resolve_device", "target_metrics", "train"]
 
 
 def _log(message: str) -> None:

@@ -23,10 +23,7 @@ from metarec.train import Trainer, train
 
 ITERATIONS = 3
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread(one_torch_thread_module):
-    """Tiny tensors on one thread."""
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")  # tiny tensors on one thread
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,7 @@ from metarec.train import train
 
 STEPS = 4
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread(one_torch_thread_module):
-    """Tiny tensors on one thread."""
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")  # tiny tensors on one thread
 
 
 @pytest.fixture(scope="module")
