@@ -41,7 +41,7 @@ def paired_bootstrap(base: np.ndarray, other: np.ndarray, *, n_boot: int = N_BOO
 def per_user_test_ranks(run_dir: str) -> tuple[np.ndarray, np.ndarray]:
     """(test targets, their 1-based ranks) of RUN_DIR's best checkpoint, one entry per test user."""
     from metarec.eval import evaluate
-    from metarec.objective import last_position_scores
+    from metarec.objective import last_position_scorer
     from metarec.problem import problem_from_run
 
     problem = problem_from_run(run_dir)
@@ -50,7 +50,7 @@ def per_user_test_ranks(run_dir: str) -> tuple[np.ndarray, np.ndarray]:
     params = dict(model.named_parameters())
     histories, targets = problem.domains[target].eval_examples("test")
     _, ranks = evaluate(
-        lambda inputs: last_position_scores(model, params, target, inputs.to(problem.device)),
+        last_position_scorer(model, params, target, problem.device),
         histories, targets, cfg.data.max_len,
         batch_size=cfg.train.eval_batch_size, exclude_history=cfg.train.eval_exclude_history, return_ranks=True,
     )

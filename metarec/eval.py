@@ -82,6 +82,10 @@ def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.
         if exclude is not None:
             scores.scatter_(1, exclude.to(scores.device, torch.long), nan.expand(exclude.shape))
         scores.scatter_(1, targets, nan.expand(targets.shape))
+        # in place, 1.0 where a candidate scores >= the target (NaN: 0.0): a float sum of
+        # 0/1 is exact below 2^24 columns, and no (B, K+1) temporary is allocated
+        if n_cols < 2**24 and scores.dtype == torch.float32:
+            return 1 + scores.ge_(target_score).sum(dim=1).long()
         return 1 + (scores >= target_score).sum(dim=1, dtype=torch.int32).long()  # int32 sum: 4x faster than int64
     candidate = torch.ones_like(scores, dtype=torch.bool)
     candidate[:, 0] = False

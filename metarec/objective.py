@@ -165,13 +165,38 @@ def domain_loss(
     return LossParts(total=total, rec=rec, vq=loss_vq)
 
 
-def last_position_scores(model, params: dict[str, torch.Tensor], domain: str, inputs: torch.Tensor) -> torch.Tensor:
-    """Scores of every item of `domain` (column 0 = padding) after each left-padded sequence. (B, K+1)."""
+def last_position_scores(model, params: dict[str, torch.Tensor], domain: str, inputs: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores of every item of `domain` (column 0 = padding) after each left-padded sequence. (B, K+1).
+
+    out: a (B, K+1) buffer the fast path writes the scores into (the reference path
+    allocates).
+    """
     table = params[f"items.{domain}"]
     bias = params[f"bias.{domain}"]
     mask = inputs > 0
     emb = table[inputs] * mask.unsqueeze(-1).to(table.dtype)
     hidden = encode(model, params, emb, mask)[:, -1]
     if fastpath.enabled():
-        return torch.addmm(bias, hidden, table.T)  # one pass over the (B, K+1) scores
+        return torch.addmm(bias, hidden, table.T, out=out)  # one pass over the (B, K+1) scores
     return hidden @ table.T + bias
+
+
+def last_position_scorer(model, params: dict[str, torch.Tensor], domain: str, device: torch.device | str):
+    """`last_position_scores` as the `score_fn` of `metarec.eval.evaluate`.
+
+    Every chunk's scores go into one buffer, grown to the largest chunk and reused: a
+    fresh (256 x 24k) block per chunk spent more time in page faults than in the
+    matmul on CPU. The returned scores are that buffer's first rows, valid until the
+    next call (evaluate ranks them before asking for more).
+    """
+    n_cols = params[f"bias.{domain}"].shape[0]
+    buffer: list[torch.Tensor] = []
+
+    def score(inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs.to(device)
+        rows = inputs.shape[0]
+        if not buffer or buffer[0].shape[0] < rows:
+            buffer[:] = [params[f"bias.{domain}"].new_empty(rows, n_cols)]
+        return last_position_scores(model, params, domain, inputs, out=buffer[0][:rows])
+
+    return score

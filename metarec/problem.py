@@ -21,7 +21,7 @@ from metarec.errors import ConfigError, DataError
 from metarec.eval import evaluate
 from metarec.meta.run_task import TaskContext
 from metarec.models.recommender import Recommender
-from metarec.objective import last_position_scores
+from metarec.objective import last_position_scorer
 from metarec.run_dir import RunDir
 
 
@@ -104,7 +104,7 @@ def target_metrics(problem: Problem, split: str) -> dict[str, float]:
     model.eval()
     try:
         return evaluate(
-            lambda inputs: last_position_scores(model, params, problem.target, inputs.to(problem.device)),
+            last_position_scorer(model, params, problem.target, problem.device),
             histories,
             targets,
             cfg.data.max_len,

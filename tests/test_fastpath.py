@@ -39,6 +39,19 @@ def test_complex_scan_equals_real_scan():
     _close(x.imag, x_im)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_complex_scan_closed_form_gradients_pass_gradcheck_to_second_order(reverse):
+    from metarec.models.lru import _ComplexScan
+
+    gen = torch.Generator().manual_seed(0)
+    lam = torch.polar(torch.rand(5, generator=gen, dtype=torch.float64) * 0.3 + 0.6, torch.rand(5, generator=gen, dtype=torch.float64) * 6.28)
+    u = torch.randn(2, 9, 5, generator=gen, dtype=torch.complex128)
+    inputs = (lam.requires_grad_(), u.requires_grad_())
+    fn = lambda l, v: _ComplexScan.apply(l, v, reverse)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
 @pytest.mark.parametrize("length", [1, 13, 64])
 def test_lru_encoder_fast_equals_reference_to_second_order(length):
     torch.manual_seed(0)

@@ -151,3 +151,30 @@ def test_recommender_overfits_tiny_batch(backbone):
         losses.append(loss.item())
     assert losses[0] > 2.5  # ~log(20) at init
     assert losses[-1] < 0.1 * losses[0]
+
+
+def test_dropout_keeps_1_minus_p_unbiased_and_is_seeded():
+    from metarec.models.dropout import Dropout, dropout_mask
+
+    torch.manual_seed(0)
+    mask = dropout_mask((400, 1000), 0.2)
+    kept = mask > 0
+    assert abs(float(kept.float().mean()) - 0.8) < 0.005  # 400k draws: sd 0.0006
+    assert torch.allclose(mask[kept], torch.tensor(65536 / (65536 - 13107)))
+    assert abs(float(mask.mean()) - 1.0) < 0.01  # E[mask] = 1
+    assert abs(float(kept[:, ::2].float().mean()) - float(kept[:, 1::2].float().mean())) < 0.01  # lanes alike
+
+    layer = Dropout(0.3)
+    x = torch.randn(7, 9, requires_grad=True)
+    torch.manual_seed(5)
+    a = layer(x)
+    torch.manual_seed(5)
+    b = layer(x)
+    assert torch.equal(a, b)  # same seed, same mask
+    (grad,) = torch.autograd.grad((a * 2).sum(), [x])
+    torch.testing.assert_close(grad, 2 * (a / x).detach())  # gradient = 2 x scaled mask
+    assert torch.equal(layer.eval()(x), x)
+    assert torch.equal(Dropout(0.0)(x), x)
+    assert float(Dropout(1.0)(x).abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="dropout probability"):
+        Dropout(1.5)

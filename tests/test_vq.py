@@ -108,3 +108,22 @@ def test_chunked_nearest_codes_equals_unchunked(heads):
 def test_heads_must_divide_width():
     with pytest.raises(ValueError, match="heads=3"):
         nearest_codes(torch.randn(2, 8), torch.randn(4, 8), heads=3)
+
+
+def test_nearest_codes_picks_the_first_of_tied_codes_across_column_groups():
+    # duplicated codebook rows tie exactly; the fast path's grouped argmax (groups of
+    # 64 columns) must return the first, like argmax, also when the copies lie in
+    # different groups and the first copy is not in the first group
+    torch.manual_seed(0)
+    codebook = torch.randn(300, 8)
+    for first, second in ((70, 71), (70, 250), (3, 130), (299, 299)):
+        cb = codebook.clone()
+        cb[second] = cb[first]
+        z = cb[[first, second]] * 2.0  # cosine 1 with both copies
+        codes = nearest_codes(z, cb, heads=1)
+        assert codes[:, 0].tolist() == [min(first, second)] * 2
+    from metarec.vq import _grouped_argmax
+
+    sims = torch.randn(5, 192)
+    sims[:, 100] = sims[:, 10] = 9.0
+    assert _grouped_argmax(sims, 64).tolist() == sims.argmax(dim=1).tolist() == [10] * 5

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from metarec.config import ModelConfig
+from metarec.models.dropout import Dropout
 
 
 def rotate_left(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -42,7 +43,7 @@ class GRU4RecEncoder(nn.Module):
         super().__init__()
         d = cfg.hidden
         self.layer_norm = nn.LayerNorm(d)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.gru = nn.GRU(d, d, num_layers=cfg.blocks, batch_first=True, dropout=cfg.dropout if cfg.blocks > 1 else 0.0)
         self.output = nn.Linear(d, d)
         self.output_norm = nn.LayerNorm(d)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarec.config import ModelConfig
+from metarec.models.dropout import Dropout
 
 MAX_POSITIONS = 512
 
@@ -43,7 +44,7 @@ class CausalSelfAttention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(d, 3 * d)
         self.out = nn.Linear(d, d)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         b, length, d = x.shape
@@ -59,7 +60,7 @@ class PointwiseFeedForward(nn.Module):
         super().__init__()
         self.w_1 = nn.Linear(d, d)
         self.w_2 = nn.Linear(d, d)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_2(self.dropout(F.relu(self.w_1(x))))
@@ -72,7 +73,7 @@ class SASRecBlock(nn.Module):
         self.attention = CausalSelfAttention(d, heads, dropout)
         self.ffn_norm = nn.LayerNorm(d)
         self.feed_forward = PointwiseFeedForward(d, dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.attention(self.attn_norm(x), allowed))
@@ -90,7 +91,7 @@ class SASRecEncoder(nn.Module):
         self.position = nn.Embedding(MAX_POSITIONS, cfg.hidden)
         nn.init.trunc_normal_(self.position.weight, std=0.02, a=-0.04, b=0.04)
         self.layer_norm = nn.LayerNorm(cfg.hidden)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(SASRecBlock(cfg.hidden, cfg.attn_heads, cfg.dropout) for _ in range(cfg.blocks))
         self.final_norm = nn.LayerNorm(cfg.hidden)
 
