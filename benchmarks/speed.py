@@ -321,7 +321,11 @@ def main() -> None:
         rows = old + rows
         order = [w for w in ("lru_train_step", "sasrec_train_step", "target_only_step", "joint_step", "metarec_iteration", "eval_full_ranking")]
         rows.sort(key=lambda r: (order.index(r["what"]) if r["what"] in order else len(order), -r["threads"]))
-        meta["command"] += " (merged into an earlier run's rows: see each row's load)"
+        earlier = RESULTS / f"{name}.meta.json"
+        if old and earlier.exists():  # say which command measured which rows
+            before = json.loads(earlier.read_text())
+            meta["command"] = f"{before['command']}; then {meta['command']} (merged: its rows replace those it measured)"
+            meta["budget"] = f"{before['budget']}; then {meta['budget']}"
     write_results(name, meta, rows, notes=NOTES)
 
 

@@ -19,14 +19,21 @@ from metarec.errors import NonFiniteError
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """`train.optimizer` over every parameter of `model` with `train.lr` (β) and `train.weight_decay`."""
+    """`train.optimizer` over every parameter of `model` with `train.lr` (β) and `train.weight_decay`.
+
+    Adam and AdamW use torch's fused kernel where every parameter is a float tensor on
+    CPU or CUDA: one kernel for all parameters instead of ~8 per tensor (on CPU 0.5 ms
+    against 5.9 ms per step for a target-only LRURec; the same update up to float
+    rounding, and the same state dict).
+    """
     t = cfg.train
     params = list(model.parameters())
     if t.optimizer == "sgd":  # plain SGD with beta reproduces paper Eq. 8
         return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
 
 
 def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:

@@ -20,6 +20,7 @@ from metarec.objective import domain_loss, linear_cross_entropy
 from metarec.vq import nearest_codes
 
 TOL = 1e-5
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]  # + CUDA where there is a GPU
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> None:
@@ -39,25 +40,27 @@ def test_complex_scan_equals_real_scan():
     _close(x.imag, x_im)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_complex_scan_closed_form_gradients_pass_gradcheck_to_second_order(reverse):
+def test_complex_scan_closed_form_gradients_pass_gradcheck_to_second_order(reverse, device):
     from metarec.models.lru import _ComplexScan
 
     gen = torch.Generator().manual_seed(0)
     lam = torch.polar(torch.rand(5, generator=gen, dtype=torch.float64) * 0.3 + 0.6, torch.rand(5, generator=gen, dtype=torch.float64) * 6.28)
     u = torch.randn(2, 9, 5, generator=gen, dtype=torch.complex128)
-    inputs = (lam.requires_grad_(), u.requires_grad_())
+    inputs = (lam.to(device).requires_grad_(), u.to(device).requires_grad_())
     fn = lambda l, v: _ComplexScan.apply(l, v, reverse)  # noqa: E731
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("length", [1, 13, 64])
-def test_lru_encoder_fast_equals_reference_to_second_order(length):
+def test_lru_encoder_fast_equals_reference_to_second_order(length, device):
     torch.manual_seed(0)
-    enc = LRUEncoder(ModelConfig(backbone="lru", hidden=16, blocks=2, dropout=0.2)).train()
-    emb = torch.randn(4, length, 16, requires_grad=True)
-    mask = torch.ones(4, length, dtype=torch.bool)
+    enc = LRUEncoder(ModelConfig(backbone="lru", hidden=16, blocks=2, dropout=0.2)).train().to(device)
+    emb = torch.randn(4, length, 16, device=device, requires_grad=True)
+    mask = torch.ones(4, length, dtype=torch.bool, device=device)
     mask[0, : length // 2] = False
     mask[1, : length - 1] = False
     params = [emb, *enc.parameters()]
@@ -66,7 +69,7 @@ def test_lru_encoder_fast_equals_reference_to_second_order(length):
         with fastpath.reference_paths(reference):
             torch.manual_seed(1)  # same dropout masks
             out = enc(emb, mask)
-            grads = torch.autograd.grad((out * torch.linspace(-1, 1, 16)).sum(), params, create_graph=True, allow_unused=True, materialize_grads=True)
+            grads = torch.autograd.grad((out * torch.linspace(-1, 1, 16, device=device)).sum(), params, create_graph=True, allow_unused=True, materialize_grads=True)
             second = torch.autograd.grad(sum((g**2).sum() for g in grads), params, allow_unused=True, materialize_grads=True)
         return [out, *grads, *second]
 
@@ -74,12 +77,13 @@ def test_lru_encoder_fast_equals_reference_to_second_order(length):
         _close(fast, ref)
 
 
-def test_fused_cross_entropy_equals_reference_and_refuses_double_backward():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_cross_entropy_equals_reference_and_refuses_double_backward(device):
     torch.manual_seed(0)
-    h = torch.randn(300, 8, requires_grad=True)
-    w = torch.randn(1500, 8, requires_grad=True)  # > one block of rows at this K
-    b = torch.randn(1500, requires_grad=True)
-    y = torch.randint(0, 1500, (300,))
+    h = torch.randn(300, 8, device=device, requires_grad=True)
+    w = torch.randn(1500, 8, device=device, requires_grad=True)  # > one block of rows at this K
+    b = torch.randn(1500, device=device, requires_grad=True)
+    y = torch.randint(0, 1500, (300,), device=device)
     fused = linear_cross_entropy(h, w, b, y, fused=True)
     ref = linear_cross_entropy(h, w, b, y, fused=False)
     _close(fused, ref)
@@ -173,9 +177,10 @@ def test_train_steps_fast_equal_reference_and_are_deterministic(tiny_domains, tm
         _close(p_fast[name], p_ref[name], 1e-4)
 
 
-def test_nearest_codes_fast_equals_reference():
+@pytest.mark.parametrize("device", DEVICES)
+def test_nearest_codes_fast_equals_reference(device):
     torch.manual_seed(0)
-    z, codebook = torch.randn(300, 16), torch.randn(5000, 16)
+    z, codebook = torch.randn(300, 16, device=device), torch.randn(5000, 16, device=device)
     for heads in (1, 4):
         fast = nearest_codes(z, codebook, heads, chunk_size=100)
         with fastpath.reference_paths():
