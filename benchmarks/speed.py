@@ -70,6 +70,7 @@ def _sync(device: str) -> None:
 
 
 CPU_SECONDS: dict[str, float] = {}  # impl key -> median process CPU seconds per call (this process)
+ATEN_OPS: dict[str, int] = {}  # impl key -> aten operators per call (`aten_ops`)
 
 
 def interleaved(fns: dict[str, Callable[[int], None]], warmup: int, reps: int, device: str) -> dict[str, float]:
@@ -92,7 +93,31 @@ def interleaved(fns: dict[str, Callable[[int], None]], warmup: int, reps: int, d
             times[name].append(time.perf_counter() - t)
             cpu[name].append(time.process_time() - c)
     CPU_SECONDS.update({k: statistics.median(v) for k, v in cpu.items()})
+    ATEN_OPS.update({name: aten_ops(fn, warmup + reps) for name, fn in fns.items()})
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+# Operators that only make views, metadata or allocations, or that dispatch to others
+# counted themselves: not counted as kernel launches.
+_NOT_KERNELS = {
+    "aten::" + op
+    for op in (
+        "view as_strided slice select unsqueeze squeeze transpose t permute expand reshape _reshape_alias alias detach "
+        "view_as_real view_as_complex _unsafe_view split chunk unbind narrow empty empty_strided empty_like lift_fresh "
+        "resolve_conj resolve_neg result_type is_nonzero contiguous to _to_copy item _local_scalar_dense zeros_like "
+        "ones_like conj _conj matmul linear dropout numpy_T"
+    ).split()
+}
+
+
+def aten_ops(fn: Callable[[int], None], i: int) -> int:
+    """aten operators one call of `fn` runs, views and wrappers left out: on a GPU each is
+    about one kernel launch, the cost that dominates small models there."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn(i)
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::") and e.key not in _NOT_KERNELS)
 
 
 def _trainer(cfg_dict: dict[str, Any], device: str, out: str):
@@ -187,9 +212,12 @@ def group_reference(a) -> list[dict[str, Any]]:
     cpu = dict(CPU_SECONDS)
     n_tasks = _reference_config(a.root)["meta"]["tasks_per_iter"]
     rows = []
+    ops = dict(ATEN_OPS)
     for what, per in (("target_only_step", BATCH), ("joint_step", n_tasks * BATCH), ("metarec_iteration", n_tasks * BATCH)):
         CPU_SECONDS.clear()
         CPU_SECONDS.update({k.split("/")[1]: v for k, v in cpu.items() if k.startswith(what + "/")})
+        ATEN_OPS.clear()
+        ATEN_OPS.update({k.split("/")[1]: v for k, v in ops.items() if k.startswith(what + "/")})
         rows += _rows(a, what, "reference", {k.split("/")[1]: v for k, v in secs.items() if k.startswith(what + "/")}, per, "sequences_per_s")
     for impl in ("fast", "reference"):
         meta = next(r for r in rows if r["what"] == "metarec_iteration" and r["impl"] == impl)
@@ -234,7 +262,7 @@ def _row(a, what: str, shape: str, impl: str, seconds: float, **extra) -> dict[s
 def _rows(a, what: str, shape: str, secs: dict[str, float], per_call: int, unit: str) -> list[dict[str, Any]]:
     rows = []
     for impl, s in secs.items():
-        row = _row(a, what, shape, impl, s, cpu_seconds=round(CPU_SECONDS.get(impl, float("nan")), 4), **{unit: round(per_call / s, 1)})
+        row = _row(a, what, shape, impl, s, cpu_seconds=round(CPU_SECONDS.get(impl, float("nan")), 4), **{unit: round(per_call / s, 1)}, aten_ops=ATEN_OPS.get(impl))
         if impl == "fast":
             for other in ("official", "reference"):
                 if other in secs:
@@ -333,6 +361,7 @@ NOTES = [
     "`seconds`: median per call; `sequences_per_s`: training sequences per second (joint step and meta iteration: n tasks x (source + target) batches counted as n x 128);",
     "`vs_official` / `vs_reference`: throughput of the fast path over the other implementation, measured interleaved in the same process;",
     "`vs_joint_step`: meta-iteration time over the joint-step time on the same batches; `load`: 1-minute load average before -> after the group (the machine is shared).",
+    "`aten_ops`: aten operators one call runs (profiled once after the timed calls; views and wrappers left out), about the kernel launches a GPU would pay for.",
     "`cpu_seconds`: median process CPU time per call; `*_cpu` ratios use it. On an oversubscribed machine wall time stretches with the load and CPU time much less, so the `_cpu` ratios are the steadier comparison.",
 ]
 

@@ -4,6 +4,10 @@ Every fast path (the complex-dtype LRU scan, the fused output-layer cross-entrop
 the per-head VQ search) computes the same function as its reference path, up to float
 rounding; `reference_paths()` turns them all off for the duration of a `with` block
 (tests compare the two). Each fast path also has a CPU implementation, so CI runs it.
+
+Two speed-ups are not behind this switch, because both paths must share them for the
+comparison to hold: the CPU dropout masks (`metarec.models.dropout`; the same masks for
+the same seed in both paths) and the fused Adam/AdamW kernel (`metarec.optimizer`).
 """
 
 from __future__ import annotations

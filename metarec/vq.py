@@ -56,7 +56,7 @@ def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, heads: int, chunk_siz
         k = ch.shape[1]
         k_pad = -(-k // _ARGMAX_GROUP) * _ARGMAX_GROUP
         ch_t = F.pad(ch.transpose(1, 2), (0, k_pad - k)).contiguous()  # (H, w, K_pad)
-        rows = min(chunk_size, max(64, _SIMS_BLOCK_ELEMENTS // k_pad))
+        rows = min(chunk_size, max(64, _SIMS_BLOCK_ELEMENTS // k_pad)) if z.device.type == "cpu" else chunk_size  # GPU: fewer launches
         sims = zh.new_empty(min(rows, n), k_pad)
         for h in range(heads):
             zh_h = zh[:, h]

@@ -16,8 +16,10 @@ B is stored as one real `Linear(d, 2N)` giving [Re(B u); Im(B u)], and C as one 
 Two implementations of the recurrence compute the same values (tests compare them):
 the fast path (default) permutes the rows of B and the columns of C so that B u comes
 out with Re/Im interleaved, views it as a complex64 tensor without a copy and scans in
-complex arithmetic (one multiply-add kernel per scan step instead of six real ones);
-the reference path (`metarec.fastpath.reference_paths()`) scans in real arithmetic.
+complex arithmetic (one multiply-add kernel per scan step instead of six real ones),
+with the gradient in closed form (a scan of the gradient the other way, `_ComplexScan`);
+the reference path (`metarec.fastpath.reference_paths()`) scans in real arithmetic and
+leaves the gradient to autograd.
 
 Padding: the recurrence input γ ⊙ (B u_t) is multiplied by the mask, so the state is
 exactly zero through left padding whatever the LayerNorm/bias values are, and a real
