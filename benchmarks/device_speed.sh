@@ -10,22 +10,22 @@
 #   cp ../shared/data/*.txt .device/data/
 #   cp /tmp/LRURec/model/lru.py .device/lrurec/     # the official model file, never committed
 # Run there (device tool): bash benchmarks/device_speed.sh          (~6 min on an H100/H200)
-# Dry run here (CPU, fewer repetitions): DEVICE=cpu QUICK=1 bash benchmarks/device_speed.sh
+# Dry run here (CPU, fewer repetitions): DEVICE=cpu QUICK=1 PYTHON=.venv/bin/python bash benchmarks/device_speed.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-/tmp/device_speed_out}
 mkdir -p "$OUT"
-if [ -d .device/wheels ] && ! python3 -c "import ray, pydantic" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/wheels/*.whl
+PY=${PYTHON:-python3}
+if [ -d .device/wheels ] && ! $PY -c "import ray, pydantic" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --target /tmp/site .device/wheels/*.whl
   tar -xJf .device/ray-2.60.0-slim-cp312.tar.xz -C /tmp/site
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1
-[ -d .device/data ] && export METAREC_SHARED_DATA=$PWD/.device/data
-PY=${PYTHON:-python3}
+if [ -d .device/data ]; then export METAREC_SHARED_DATA=$PWD/.device/data; fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true; } | tee "$OUT/gpu.txt"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
 # equality first (CUDA cases run only where CUDA is available), its log kept either way

@@ -78,10 +78,14 @@ def test_lru_encoder_fast_equals_reference_to_second_order(length, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_cross_entropy_equals_reference_and_refuses_double_backward(device):
+def test_fused_cross_entropy_equals_reference_and_refuses_double_backward(device, monkeypatch):
+    from metarec import objective
+
+    for name in ("_CE_BLOCK_ELEMENTS", "_CE_BLOCK_ELEMENTS_GPU"):  # 64-row blocks: 5 for 300 rows, the last partial
+        monkeypatch.setattr(objective, name, 64 * 1500)
     torch.manual_seed(0)
     h = torch.randn(300, 8, device=device, requires_grad=True)
-    w = torch.randn(1500, 8, device=device, requires_grad=True)  # > one block of rows at this K
+    w = torch.randn(1500, 8, device=device, requires_grad=True)
     b = torch.randn(1500, device=device, requires_grad=True)
     y = torch.randint(0, 1500, (300,), device=device)
     fused = linear_cross_entropy(h, w, b, y, fused=True)
