@@ -66,7 +66,7 @@ KILL_ENV = "METAREC_TEST_KILL_WORKER"  # test-only fault injection (module docst
 # ------------------------------------------------------------------ process group
 
 
-def _loopback_torch_config():
+def _loopback_torch_config(scratch: str):
     from ray.train.torch import TorchConfig
     from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
 
@@ -74,7 +74,7 @@ def _loopback_torch_config():
         """Ray Train's torch backend with a file rendezvous and gloo on the loopback device."""
 
         def on_start(self, worker_group, backend_config) -> None:
-            store = self._store = os.path.join(tempfile.gettempdir(), f"metarec-pg-{uuid.uuid4().hex}")
+            store = self._store = os.path.join(scratch, f"pg-{uuid.uuid4().hex}")
             worker_group.execute(os.environ.__setitem__, "GLOO_SOCKET_IFNAME", "lo")
             worker_group.execute(_set_torch_distributed_env_vars)
             ray.get([worker_group.execute_single_async(
@@ -193,7 +193,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     kill = loop_config.get("kill")
     kill_at = (kill[0], kill_marker(loop_config["out"], *kill)) if kill and kill[1] == rank else None
-    scratch = None if rank == 0 else tempfile.mkdtemp(prefix=f"metarec-rank{rank}-")
+    scratch = None
+    if rank != 0:  # a run directory of its own, inside the driver's scratch folder
+        os.makedirs(loop_config["scratch"], exist_ok=True)  # (on another node of a cluster it is not there yet)
+        scratch = tempfile.mkdtemp(prefix=f"rank{rank}-", dir=loop_config["scratch"])
     device = resolve_device(cfg.train.device)
     comm_device = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
     comm = ProcessGroupCollective(rank, world, comm_device, kill_at)
@@ -240,10 +243,13 @@ def fit_with_ray_train(cfg: Config, out_dir: str, *, local: bool, resume: bool =
     run_dir = out_dir if fs.is_uri(out_dir) else os.path.abspath(out_dir)
     if not fs.is_uri(run_dir):
         os.makedirs(storage_for(run_dir), exist_ok=True)
+    # the rendezvous file and the scratch run directories of workers 1..W-1: one folder,
+    # removed when the run ends however it ends (a killed worker cannot clean up after itself)
+    scratch = tempfile.mkdtemp(prefix="metarec-ray-train-")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": worker_config(cfg), "out": run_dir, "resume": resume, "kill": _kill_request()},
-        torch_config=_loopback_torch_config() if local else TorchConfig(),
+        train_loop_config={"config": worker_config(cfg), "out": run_dir, "resume": resume, "kill": _kill_request(), "scratch": scratch},
+        torch_config=_loopback_torch_config(scratch) if local else TorchConfig(),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.name,
@@ -256,6 +262,8 @@ def fit_with_ray_train(cfg: Config, out_dir: str, *, local: bool, resume: bool =
         trainer.fit()
     except Exception as err:  # noqa: BLE001 - Ray Train wraps the workers' errors; show the first one
         _raise_worker_error(err)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return RunDir(out_dir).read_metrics()
 
 

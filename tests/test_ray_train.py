@@ -4,6 +4,7 @@ restored from the last checkpoint; bad `--workers` is one line, exit status 2.""
 from __future__ import annotations
 
 import json
+import tempfile
 
 import pytest
 import torch
@@ -66,12 +67,16 @@ def test_a_killed_worker_is_restored_from_the_last_checkpoint(private_ray, root,
     from metarec.ray_train import KILL_ENV, fit_with_ray_train, kill_marker
 
     monkeypatch.setenv(KILL_ENV, "2:1")
+    scratch_parent = tmp_path / "tmp"
+    scratch_parent.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_parent))  # where the driver makes its scratch folder
     raw = baseline_config(root, sources=["src-a", "src-b"], num_workers=2)
     raw["train"]["checkpoint_every"] = 1
     cfg = config_from_dict(raw)
     assert cfg.method == "joint"
     metrics = fit_with_ray_train(cfg, str(tmp_path / "run"), local=True)
     assert metrics["steps"] == STEPS
+    assert list(scratch_parent.iterdir()) == []  # the killed worker's scratch run and the rendezvous file are gone
     assert (tmp_path / "run" / "ray_train" / "killed-2-1").exists() and kill_marker(str(tmp_path / "run"), 2, 1)
     with open(tmp_path / "run" / "history.jsonl") as f:
         rows = [json.loads(line) for line in f]
