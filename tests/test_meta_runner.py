@@ -296,3 +296,27 @@ def test_joint_loss_trains_source_and_target():
     assert np.mean([s["source_loss"] for s in stats[-5:]]) < np.mean([s["source_loss"] for s in stats[:5]])
     for name in ("items.a", "items.b", "items.t", "encoder.mix.weight"):
         assert not torch.equal(model.get_parameter(name), init[name]), name
+
+
+def test_source_grad_adds_the_rescale_weighted_source_gradient_to_the_outer_gradient():
+    """G^p = Σ_i w_i^p (g_i^p + μ (θ^p − φ_i^p) / α) for shared tensors (docs/design.md Eq. (8b))."""
+    mu, alpha = 0.7, 0.5
+    cfg = toy_config(meta={"source_params": "meta_only", "source_grad": mu, "inner_lr": alpha}, train={"grad_clip": None})
+    model, ctx = toy_setup(cfg)
+    params = dict(model.named_parameters())
+    results = LocalRunner(ctx).run_tasks(params, toy_sampler(ctx).sample(0))
+    grad, weights = combine([r.meta_grad for r in results], [r.sims for r in results], [r.touched for r in results], cfg.rescale.tau, True)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    apply_meta_update(params, torch.optim.SGD(params.values(), lr=0.3), results, cfg, 0)
+    added = set()
+    for name, p in params.items():
+        g = grad[name].clone() if name in grad else None
+        if not name.startswith(("items.a", "items.b", "bias.a", "bias.b")):
+            for pos, r in enumerate(results):
+                if name in r.source_delta and name in r.meta_grad:
+                    g = g - mu * weights[name][pos] / alpha * r.source_delta[name]
+                    added.add(name)
+        expected = before[name] - 0.3 * g if g is not None else before[name]
+        assert torch.allclose(p.detach(), expected, atol=1e-6), name
+    assert "encoder.mix.weight" in added and "items.t" in added  # the encoder and the VQ codebook get the source term
+    assert not added & {"items.a", "items.b", "bias.a", "bias.b"}  # never a source's own table

@@ -54,6 +54,30 @@ def inner_changes(results: list[TaskResult], weights: dict[str, dict[int, float]
     return changes
 
 
+def source_gradient(results: list[TaskResult], weights: dict[str, dict[int, float]], cfg: Config) -> dict[str, torch.Tensor]:
+    """μ Σ_i w_i^p (θ^p − φ_i^p) / α for the shared tensors (docs/design.md Eq. (8b)).
+
+    (θ − φ_i) / α is the sum of task i's inner-loop source gradients (one step: ∇_θ of
+    its source loss at θ). Added to Eq. (8)'s G^p before the optimizer step, so, unlike
+    `meta.persist_shared`'s direct move, it is scaled by the optimizer (AdamW) like the
+    joint-training gradient, with the rescaling weights deciding how much each source
+    contributes. μ = `meta.source_grad`; 0 = the paper's update. Only where task i also
+    has a meta gradient for p, so the tensors with a gradient are the same as without
+    it (and on the collective runner, which sums the workers' parts of this linear sum).
+    """
+    mu, alpha = cfg.meta.source_grad, cfg.meta.inner_lr
+    terms: dict[str, torch.Tensor] = {}
+    if mu <= 0:
+        return terms
+    for pos, r in enumerate(results):
+        own = set(source_only_names(r.source))
+        for name, delta in r.source_delta.items():
+            if name not in own and name in r.meta_grad and pos in weights.get(name, {}):
+                part = delta * (-mu * weights[name][pos] / alpha)
+                terms[name] = part if name not in terms else terms[name] + part
+    return terms
+
+
 def _add_changes(params: dict[str, nn.Parameter], changes: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, delta in changes.items():
@@ -82,7 +106,7 @@ def apply_meta_update(
     """One outer update of the live parameters from the iteration's task results.
 
     .grad of p = Σ_i w_i^p g_i^p (rescale.enabled, τ = rescale.tau; else the uniform
-    mean over the tasks that touched p); tensors without any meta gradient get
+    mean over the tasks that touched p), plus `source_gradient` with `meta.source_grad`; tensors without any meta gradient get
     .grad = None, so the optimizer leaves them alone. Then clip, finiteness check,
     optimizer.step(). Then `inner_changes` (source tables with
     `meta.source_params: persist_inner`, shared tensors with `meta.persist_shared`). Results are processed in task-index order, whatever order they came in.
@@ -102,6 +126,8 @@ def apply_meta_update(
         cfg.rescale.tau,
         cfg.rescale.enabled,
     )
+    for name, term in source_gradient(results, weights, cfg).items():
+        grad[name] = term if name not in grad else grad[name] + term
     changes = inner_changes(results, weights, cfg)
     if reduce is not None:
         grad, changes = reduce(grad, changes)

@@ -86,10 +86,11 @@ def source_only_names(source: str) -> tuple[str, str]:
 
 
 def _kept_inner_changes(source: str, theta: dict, phi: dict, cfg: Config) -> list[str]:
-    """Tensors whose inner-loop change φ − θ the outer step may keep: the source's own
-    tables, plus every shared tensor the inner loop moved when `meta.persist_shared` > 0."""
+    """Tensors whose inner-loop change φ − θ the outer step may use: the source's own
+    tables, plus every shared tensor the inner loop moved when `meta.persist_shared` or
+    `meta.source_grad` > 0."""
     own = list(source_only_names(source))
-    if cfg.meta.persist_shared <= 0:
+    if cfg.meta.persist_shared <= 0 and cfg.meta.source_grad <= 0:
         return own
     return own + sorted(n for n in theta if n not in own and phi[n] is not theta[n])
 
