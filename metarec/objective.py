@@ -194,14 +194,15 @@ def last_position_scorer(model, params: dict[str, torch.Tensor], domain: str, de
     matmul on CPU. The returned scores are that buffer's first rows, valid until the
     next call (evaluate ranks them before asking for more).
     """
-    n_cols = params[f"bias.{domain}"].shape[0]
-    buffer: list[torch.Tensor] = []
+    bias = params[f"bias.{domain}"]
+    buffer: torch.Tensor | None = None
 
     def score(inputs: torch.Tensor) -> torch.Tensor:
+        nonlocal buffer
         inputs = inputs.to(device)
         rows = inputs.shape[0]
-        if not buffer or buffer[0].shape[0] < rows:
-            buffer[:] = [params[f"bias.{domain}"].new_empty(rows, n_cols)]
-        return last_position_scores(model, params, domain, inputs, out=buffer[0][:rows])
+        if buffer is None or buffer.shape[0] < rows:
+            buffer = bias.new_empty(rows, bias.shape[0])
+        return last_position_scores(model, params, domain, inputs, out=buffer[:rows])
 
     return score

@@ -31,14 +31,13 @@ first and never dies where that marker exists (a local run directory). Which che
 the new group starts from is the last one Ray Train had registered when the worker died.
 
 Loopback. On the private local Ray instance (`connect(None)`) the process group is set up
-by `LoopbackTorchConfig`: a FileStore rendezvous in a temp file (torch's TCPStore would
+by `LoopbackTorchConfig`: a FileStore rendezvous in the run's temporary folder (torch's TCPStore would
 listen on all interfaces) and `GLOO_SOCKET_IFNAME=lo`, so gloo's sockets bind 127.0.0.1.
 On a cluster, Ray Train's default TCP rendezvous on the head worker's node IP is used.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -74,17 +73,12 @@ def _loopback_torch_config(scratch: str):
         """Ray Train's torch backend with a file rendezvous and gloo on the loopback device."""
 
         def on_start(self, worker_group, backend_config) -> None:
-            store = self._store = os.path.join(scratch, f"pg-{uuid.uuid4().hex}")
+            store = os.path.join(scratch, f"pg-{uuid.uuid4().hex}")  # removed with `scratch` when the run ends
             worker_group.execute(os.environ.__setitem__, "GLOO_SOCKET_IFNAME", "lo")
             worker_group.execute(_set_torch_distributed_env_vars)
             ray.get([worker_group.execute_single_async(
                 i, _setup_torch_process_group, backend="gloo", world_rank=i, world_size=len(worker_group),
                 init_method=f"file://{store}", timeout_s=backend_config.timeout_s) for i in range(len(worker_group))])
-
-        def on_shutdown(self, worker_group, backend_config) -> None:
-            super().on_shutdown(worker_group, backend_config)
-            with contextlib.suppress(AttributeError, FileNotFoundError):
-                os.remove(self._store)  # the rendezvous file (local, single machine) is left after a killed worker
 
     class LoopbackTorchConfig(TorchConfig):
         @property

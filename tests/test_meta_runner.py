@@ -177,26 +177,36 @@ def test_outer_sgd_step_is_eq8_with_clipping():
     assert 0 < float(torch.linalg.vector_norm(moved)) <= 1e-3 * (1 + 1e-5)
 
 
+SOURCE_TABLES = ("items.a", "items.b", "bias.a", "bias.b")
+
+
+def _one_outer_step(meta: dict, lr: float = 0.3):
+    """One SGD(lr) outer step on the toy problem without clipping: (params before, params
+    after, task results, the combined meta gradient Σ_i w_i g_i, the rescaling weights)."""
+    cfg = toy_config(meta={"source_params": "meta_only", **meta}, train={"grad_clip": None})
+    model, ctx = toy_setup(cfg)
+    params = dict(model.named_parameters())
+    results = LocalRunner(ctx).run_tasks(params, toy_sampler(ctx).sample(0))
+    grad, weights = combine([r.meta_grad for r in results], [r.sims for r in results], [r.touched for r in results], cfg.rescale.tau, True)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    apply_meta_update(params, torch.optim.SGD(params.values(), lr=lr), results, cfg, 0)
+    return before, {n: p.detach() for n, p in params.items()}, results, grad, weights
+
+
 def test_persist_shared_keeps_the_rescale_weighted_inner_change():
     """θ^p ← SGD step − λ... + λ Σ_i w_i^p (φ_i^p − θ^p) for shared tensors; 0 = the paper's step."""
     results_by_lambda = {}
     for lam in (0.0, 0.5):
-        cfg = toy_config(meta={"source_params": "meta_only", "persist_shared": lam, "inner_lr": 0.5}, train={"grad_clip": None})
-        model, ctx = toy_setup(cfg)
-        params = dict(model.named_parameters())
-        results = LocalRunner(ctx).run_tasks(params, toy_sampler(ctx).sample(0))
-        grad, weights = combine([r.meta_grad for r in results], [r.sims for r in results], [r.touched for r in results], cfg.rescale.tau, True)
-        before = {n: p.detach().clone() for n, p in params.items()}
-        apply_meta_update(params, torch.optim.SGD(params.values(), lr=0.3), results, cfg, 0)
+        before, after, results, grad, weights = _one_outer_step({"persist_shared": lam, "inner_lr": 0.5})
         results_by_lambda[lam] = results
-        for name, p in params.items():
+        for name, p in after.items():
             expected = before[name] - 0.3 * grad[name] if name in grad else before[name].clone()
-            if lam and not name.startswith(("items.a", "items.b", "bias.a", "bias.b")):
+            if lam and not name.startswith(SOURCE_TABLES):
                 for pos, r in enumerate(results):
                     if name in r.source_delta:
                         expected = expected + lam * weights[name][pos] * r.source_delta[name]
-            assert torch.allclose(p.detach(), expected, atol=1e-6), (lam, name)
-    shared = {n for r in results_by_lambda[0.5] for n in r.source_delta} - {"items.a", "items.b", "bias.a", "bias.b"}
+            assert torch.allclose(p, expected, atol=1e-6), (lam, name)
+    shared = {n for r in results_by_lambda[0.5] for n in r.source_delta} - set(SOURCE_TABLES)
     assert "encoder.mix.weight" in shared and "items.t" in shared  # the encoder and the VQ codebook moved in the inner loop
     assert all(set(r.source_delta) == {f"items.{r.source}", f"bias.{r.source}"} for r in results_by_lambda[0.0])
 
@@ -301,22 +311,16 @@ def test_joint_loss_trains_source_and_target():
 def test_source_grad_adds_the_rescale_weighted_source_gradient_to_the_outer_gradient():
     """G^p = Σ_i w_i^p (g_i^p + μ (θ^p − φ_i^p) / α) for shared tensors (docs/design.md Eq. (8b))."""
     mu, alpha = 0.7, 0.5
-    cfg = toy_config(meta={"source_params": "meta_only", "source_grad": mu, "inner_lr": alpha}, train={"grad_clip": None})
-    model, ctx = toy_setup(cfg)
-    params = dict(model.named_parameters())
-    results = LocalRunner(ctx).run_tasks(params, toy_sampler(ctx).sample(0))
-    grad, weights = combine([r.meta_grad for r in results], [r.sims for r in results], [r.touched for r in results], cfg.rescale.tau, True)
-    before = {n: p.detach().clone() for n, p in params.items()}
-    apply_meta_update(params, torch.optim.SGD(params.values(), lr=0.3), results, cfg, 0)
+    before, after, results, grad, weights = _one_outer_step({"source_grad": mu, "inner_lr": alpha})
     added = set()
-    for name, p in params.items():
+    for name, p in after.items():
         g = grad[name].clone() if name in grad else None
-        if not name.startswith(("items.a", "items.b", "bias.a", "bias.b")):
+        if not name.startswith(SOURCE_TABLES):
             for pos, r in enumerate(results):
                 if name in r.source_delta and name in r.meta_grad:
                     g = g - mu * weights[name][pos] / alpha * r.source_delta[name]
                     added.add(name)
         expected = before[name] - 0.3 * g if g is not None else before[name]
-        assert torch.allclose(p.detach(), expected, atol=1e-6), name
+        assert torch.allclose(p, expected, atol=1e-6), name
     assert "encoder.mix.weight" in added and "items.t" in added  # the encoder and the VQ codebook get the source term
-    assert not added & {"items.a", "items.b", "bias.a", "bias.b"}  # never a source's own table
+    assert not added & set(SOURCE_TABLES)  # never a source's own table

@@ -18,6 +18,8 @@ any order, like `F.dropout`. The draws come from torch's default generator, so a
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,9 +29,7 @@ _LANES = 2**16
 
 def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Scaled keep mask of `shape` on CPU: 0 with probability p′ ≈ p, else 1 / (1 − p′)."""
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
     lanes = words.view(torch.int16)[:n].view(shape)  # uniform on [-2^15, 2^15)
     drop = round(p * _LANES)
