@@ -1,4 +1,4 @@
-"""The five shared real datasets prepare to exactly the counts published in ../shared/data/README.md."""
+"""The six shared real datasets prepare to exactly the counts published in ../shared/data/README.md."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ PUBLISHED = {
     "movielens-1m": (6_040, 3_416, 999_611),
     "amazon-sports": (35_598, 18_357, 296_337),
     "yelp": (30_431, 20_033, 316_354),
+    "amazon-scientific": (8_442, 4_385, 59_384),
 }
 # users with fewer than 3 interactions (train only, no evaluation target), same README
 SHORT_USERS = {"amazon-video-games": 112, "amazon-beauty": 1_706}
