@@ -156,10 +156,19 @@ def _unfinished_trials(experiment_path: str, filesystem: pafs.FileSystem | None)
     return sum(t.status not in ("TERMINATED", "ERROR") for t in analysis.trials)
 
 
+def search_algorithm(space: SearchSpace):
+    """Random search seeded by the space, running at most `max_concurrent_trials` trials at once.
+
+    The limit goes to the generator itself: Tune ignores `TuneConfig.max_concurrent_trials`
+    when the search algorithm is a `BasicVariantGenerator` (it only warns)."""
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=space.seed, max_concurrent=space.max_concurrent_trials or 0)
+
+
 def _tuner(space: SearchSpace, experiment_uri: str, storage_uri: str, name: str, num_samples: int, resume: bool):
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(metarec_trial, space=space, experiment_uri=experiment_uri),
@@ -183,8 +192,7 @@ def _tuner(space: SearchSpace, experiment_uri: str, storage_uri: str, name: str,
         tune_config=ray_tune.TuneConfig(
             num_samples=num_samples,
             scheduler=scheduler,
-            search_alg=BasicVariantGenerator(random_state=space.seed),
-            max_concurrent_trials=space.max_concurrent_trials,
+            search_alg=search_algorithm(space),
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=ray_tune.RunConfig(
