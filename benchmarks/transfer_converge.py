@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import yaml
 from common import RESULTS, header, machine, prepare_shared_data
+from harmful_sources import SUFFIX, shuffled_copy
 from transfer import METHODS as TRANSFER_METHODS
 from transfer import merge
 
@@ -128,6 +129,7 @@ def run_one(job: dict) -> dict:
     stopped_early = m["steps"] < cfg.train.max_steps
     row = {
         "dataset": cfg.data.target, "target_users": cfg.data.target_users, "method": job["method"], "seed": cfg.seed,
+        **({"source_set": job["source_set"], "sources": list(cfg.data.sources)} if job.get("source_set") else {}),
         **{k: m["test"][k] for k in ("NDCG@10", "Recall@10", "MRR")},
         "val NDCG@10": m["val"]["NDCG@10"], "best_step": m["best_step"], "steps": m["steps"], "converged": stopped_early,
         "eval_every": eval_every, "target_sequences_seen": m["steps"] * per_step,
@@ -149,8 +151,9 @@ def run_one(job: dict) -> dict:
 
 
 def detail_path(name: str, row_key: tuple) -> str:
-    dataset, users, method, seed = row_key
-    return str(RESULTS / f"{name}_runs" / f"{dataset}-{users or 'all'}" / f"{method}-seed{seed}.json")
+    dataset, users, method, seed, source_set = row_key
+    group = f"{dataset}-{users or 'all'}" + (f"-{source_set}" if source_set else "")
+    return str(RESULTS / f"{name}_runs" / group / f"{method}-seed{seed}.json")
 
 
 def load_rows(name: str) -> list[dict]:
@@ -161,7 +164,7 @@ def load_rows(name: str) -> list[dict]:
 
 
 def key_of(row: dict) -> tuple:
-    return (row["dataset"], row["target_users"], row["method"], row["seed"])
+    return (row["dataset"], row["target_users"], row["method"], row["seed"], row.get("source_set"))
 
 
 def run_jobs(args, jobs: list[dict]) -> list[dict]:
@@ -194,6 +197,9 @@ def load_tuned(name: str) -> dict:
 
 def cmd_run(args) -> None:
     root = prepare_shared_data()
+    for source in args.sources:
+        if source.endswith(SUFFIX):
+            shuffled_copy(root, source[: -len(SUFFIX)])
     tuned = load_tuned(args.name)
     done = {key_of(r) for r in load_rows(args.name)}
     jobs = []
@@ -201,12 +207,12 @@ def cmd_run(args) -> None:
         users = users or None
         for seed in args.seeds:
             for method in args.methods:
-                key = (args.target, users, method, seed)
+                key = (args.target, users, method, seed, args.source_set)
                 if key in done:
                     continue
                 raw, over = method_config(args, root, args.target, users, seed, method, tuned)
                 jobs.append({
-                    "method": method, "seed": seed, "threads": args.threads, "eval_fraction": args.eval_fraction,
+                    "method": method, "seed": seed, "threads": args.threads, "eval_fraction": args.eval_fraction, "source_set": args.source_set,
                     "config": raw, "overrides": over, "detail_path": detail_path(args.name, key),
                 })
     print(f"{len(jobs)} runs to do ({len(done)} already in {args.name}.jsonl)", file=sys.stderr, flush=True)
@@ -228,16 +234,16 @@ def cmd_report(args) -> None:
     rows = [r for r in load_rows(args.name) if "@trial" not in r["method"]]
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["target_users"]), {}).setdefault(r["method"], []).append(r)
+        groups.setdefault((r["dataset"], r["target_users"], r.get("source_set")), {}).setdefault(r["method"], []).append(r)
     meta = header("Transfer at convergence: MetaRec vs tuned target-only, joint and ablations", args.budget)
     lines = [f"# {meta['title']}", "", f"- command: `{meta['command']}`", f"- machine: {meta['machine']}", f"- date: {meta['date']}", f"- budget: {meta['budget']}", ""]
     summary = []
-    for (dataset, users), methods in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 10**9)):
-        lines += [f"## {dataset}, {users or 'all'} target users", "", "| method | seeds | converged | test NDCG@10 (mean ± std) | Recall@10 | MRR | val NDCG@10 | best step | train s |", "|---|---|---|---|---|---|---|---|---|"]
+    for (dataset, users, source_set), methods in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 10**9, kv[0][2] or "")):
+        lines += [f"## {dataset}, {users or 'all'} target users" + (f", {source_set} sources" if source_set else ""), "", "| method | seeds | converged | test NDCG@10 (mean ± std) | Recall@10 | MRR | val NDCG@10 | best step | train s |", "|---|---|---|---|---|---|---|---|---|"]
         stats = {}
         for method, rs in sorted(methods.items()):
             nd = [r["NDCG@10"] for r in rs]
-            s = {"dataset": dataset, "target_users": users, "method": method, "seeds": len(rs), "converged": sum(r["converged"] for r in rs),
+            s = {"dataset": dataset, "target_users": users, "source_set": source_set, "method": method, "seeds": len(rs), "converged": sum(r["converged"] for r in rs),
                  "NDCG@10": statistics.fmean(nd), "NDCG@10 std": statistics.stdev(nd) if len(nd) > 1 else 0.0,
                  "Recall@10": statistics.fmean(r["Recall@10"] for r in rs), "MRR": statistics.fmean(r["MRR"] for r in rs),
                  "val NDCG@10": statistics.fmean(r["val NDCG@10"] for r in rs)}
@@ -254,8 +260,8 @@ def cmd_report(args) -> None:
                 seeds = sorted({r["seed"] for r in methods[m]} & {r["seed"] for r in methods[best]})
                 if not seeds:
                     continue
-                a = np.mean([per_user(args.name, dataset, users, m, s) for s in seeds], axis=0)
-                b = np.mean([per_user(args.name, dataset, users, best, s) for s in seeds], axis=0)
+                a = np.mean([per_user(args.name, dataset, users, m, s, source_set) for s in seeds], axis=0)
+                b = np.mean([per_user(args.name, dataset, users, best, s, source_set) for s in seeds], axis=0)
                 mean, lo, hi = paired_bootstrap(a, b)
                 ratio = stats[m]["NDCG@10"] / stats[best]["NDCG@10"]
                 lines.append(f"- {m} − {best}: {mean:+.5f} [{lo:+.5f}, {hi:+.5f}] (ratio of means {ratio:.3f}; seeds {seeds})")
@@ -271,8 +277,8 @@ def cmd_report(args) -> None:
     print("\n".join(lines))
 
 
-def per_user(name, dataset, users, method, seed) -> np.ndarray:
-    detail = json.loads(Path(detail_path(name, (dataset, users, method, seed))).read_text())
+def per_user(name, dataset, users, method, seed, source_set=None) -> np.ndarray:
+    detail = json.loads(Path(detail_path(name, (dataset, users, method, seed, source_set))).read_text())
     return np.asarray(detail["test_ndcg10_per_user"])
 
 
@@ -324,7 +330,9 @@ def main() -> None:
     ap.add_argument("command", choices=["run", "report"])
     ap.add_argument("--name", default="transfer_converge", help="results file stem in benchmarks/results")
     ap.add_argument("--target", default="amazon-video-games")
-    ap.add_argument("--sources", nargs="+", default=DEFAULT_SOURCES)
+    ap.add_argument("--sources", nargs="+", default=DEFAULT_SOURCES,
+                    help="source domains (NAME-shuffled: a copy of NAME with every sequence permuted, see harmful_sources.py)")
+    ap.add_argument("--source-set", default=None, help="label of the source set, recorded in the rows (e.g. clean, harmful)")
     ap.add_argument("--target-users", type=int, nargs="+", default=[1000], help="0 = all users")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
