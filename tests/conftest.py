@@ -21,9 +21,10 @@ def tiny_domains_module(tmp_path_factory) -> str:
     return make_tiny_domains(tmp_path_factory.mktemp("prepared"))
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread_module():
-    """Torch on one thread for a test module (tiny tensors; like each 1-CPU Ray worker)."""
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Torch on one thread in every test: tiny tensors run fastest so (above all on a busy
+    machine), like each 1-CPU Ray worker; the bit-identical digests are defined on one thread."""
     import torch
 
     threads = torch.get_num_threads()

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from meta_toy import meta_train, one_torch_thread, toy_config, toy_problem, toy_sampler, toy_setup
+from meta_toy import meta_train, toy_config, toy_problem, toy_sampler, toy_setup
 
 from metarec.errors import CheckpointError, NonFiniteError
 from metarec.meta import (
@@ -23,12 +23,6 @@ from metarec.meta import (
 from metarec.objective import domain_loss
 from metarec.runners.local import LocalRunner
 from metarec.train import Trainer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_torch_thread():
-        yield
 
 
 # ------------------------------------------------------------------ task sampling
