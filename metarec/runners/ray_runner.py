@@ -247,7 +247,7 @@ def tensor_bytes(tensors) -> int:
 
 def result_bytes(result: TaskResult) -> int:
     """Bytes of the tensors a task sends back (meta gradients and source deltas)."""
-    return tensor_bytes(list(result.meta_grad.values()) + list(result.source_delta.values()))
+    return tensor_bytes([*result.meta_grad.values(), *result.source_delta.values(), *result.source_grad.values()])
 
 
 def _first_line(err: BaseException) -> str:
