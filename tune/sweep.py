@@ -83,7 +83,7 @@ def metarec_trial(config: dict[str, Any], *, space: SearchSpace, experiment_uri:
     import torch
     from ray import tune as ray_tune
 
-    from metarec.train import train
+    from metarec import launch
 
     torch.set_num_threads(max(1, int(space.trial_resources["CPU"])))
     trial_id = ray_tune.get_context().get_trial_id()
@@ -101,16 +101,15 @@ def metarec_trial(config: dict[str, Any], *, space: SearchSpace, experiment_uri:
     if checkpoint is not None:
         with checkpoint.as_directory() as local:
             _copy_tree(local, ckpt_root)
-    runner_factory = None
-    if space.runner == "ray":
-        from metarec.runners.ray_runner import ray_runner_factory
-
-        runner_factory = ray_runner_factory(address=None)  # Ray is up in the trial; workers join its placement group
-    train(
+    # runner: ray = the driver runner; Ray is up in the trial and its workers join the
+    # trial's placement group, which already holds their resources
+    launch.run(
         cfg,
         run_dir,
+        "driver" if space.runner == "ray" else "local",
         resume=checkpoint is not None,
-        runner_factory=runner_factory,
+        refuse_existing=False,
+        check_capacity=False,
         on_eval=lambda row, trainer: _report(row, trainer, run_dir=run_dir, metric=space.metric),
     )
 
