@@ -44,8 +44,9 @@ from common import bench_config, experiment_dir, header, prepare_shared_data, ti
 
 from metarec.config import config_from_dict
 from metarec.problem import build_problem
-from metarec.runners.ray_runner import RayRunner, connect, result_bytes, tensor_bytes
-from metarec.ray_train import fit_with_ray_train
+from metarec.ray.driver import RayRunner, result_bytes, tensor_bytes
+from metarec.ray.session import connect
+from metarec.ray.ray_train import fit_with_ray_train
 from metarec.run_dir import RunDir
 from metarec.train import Trainer
 

@@ -57,7 +57,7 @@ def run(
             raise ConfigError(f"--workers {workers}: the number of Ray workers must be at least 1")
         cfg.ray.num_workers = workers
     if mode in ("collective", "ray_train"):
-        from metarec.ray_train import fit_with_ray_train
+        from metarec.ray.ray_train import fit_with_ray_train
 
         local = _connect(cfg, address, exact=workers is not None, check=check_capacity)
         with open_run(out, cfg, resume=resume, refuse_existing=refuse_existing):
@@ -70,7 +70,7 @@ def run(
             print(warning, file=sys.stderr)
     runner_factory = None
     if mode == "driver":
-        from metarec.runners.ray_runner import ray_runner_factory
+        from metarec.ray.driver import ray_runner_factory
 
         _connect(cfg, address, exact=False, check=check_capacity)
         runner_factory = ray_runner_factory(address=address)
@@ -90,10 +90,10 @@ def fit_in_run_dir(cfg: Config, out: str, *, resume: bool = False, refuse_existi
 
 def _connect(cfg: Config, address: str | None, *, exact: bool, check: bool) -> bool:
     """Connect to Ray (or start a private local Ray) and, with `check`, make sure it can
-    place the workers (metarec.runners.capacity); `exact` (an explicit --workers): refuse
+    place the workers (metarec.ray.capacity); `exact` (an explicit --workers): refuse
     rather than lower the count. True for a local Ray."""
-    from metarec.runners.capacity import fit_ray_workers
-    from metarec.runners.ray_runner import connect
+    from metarec.ray.capacity import fit_ray_workers
+    from metarec.ray.session import connect
 
     address = address or os.environ.get("RAY_ADDRESS")
     connect(address)

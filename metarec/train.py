@@ -151,7 +151,7 @@ class Trainer:
         params = dict(self.model.named_parameters())
         return apply_meta_update(params, self.optimizer, results, self.cfg, step, reduce=getattr(self.runner, "reduce", None))
 
-    # Data-parallel hooks (metarec.ray_train overrides them; here: one process, all data)
+    # Data-parallel hooks (metarec.ray.ray_train overrides them; here: one process, all data)
 
     def _data_shard(self, rows: np.ndarray) -> np.ndarray:
         """This process's share of a batch's rows."""

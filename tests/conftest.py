@@ -99,7 +99,7 @@ def private_ray(tmp_path_factory):
     test module, started by `connect(None)` and shut down after the module."""
     import ray
 
-    from metarec.runners.ray_runner import connect
+    from metarec.ray.session import connect
 
     home = tmp_path_factory.mktemp("home")
     with pytest.MonkeyPatch.context() as mp:
@@ -114,8 +114,6 @@ def private_ray(tmp_path_factory):
             yield home
         finally:
             ray.shutdown()
-    from ray._raylet import AuthenticationTokenLoader
-    from ray._raylet import Config as RayletConfig
+    from metarec.ray.private import reset_token_cache
 
-    RayletConfig.initialize("")  # forget the token mode of this module's instance
-    AuthenticationTokenLoader.instance().reset_cache()
+    reset_token_cache()  # forget the token mode of this module's instance

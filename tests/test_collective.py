@@ -14,11 +14,11 @@ import threading
 import pytest
 import torch
 
-import metarec.runners.collective as collective
+import metarec.ray.collective as collective
 from metarec.checkpoint import load_checkpoint
 from metarec.config import config_from_dict
-from metarec.runners.collective import CollectiveRunner
-from metarec.runners.ray_runner import ray_runner_factory
+from metarec.ray.collective import CollectiveRunner
+from metarec.ray.driver import ray_runner_factory
 from metarec.train import Trainer, train
 
 ITERATIONS = 3
@@ -145,7 +145,7 @@ def driver_run(private_ray, root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def collective_runs(private_ray, root, tmp_path_factory):
     """{workers: run result} of unfaulted collective runs, computed on first use."""
-    from metarec.ray_train import fit_with_ray_train
+    from metarec.ray.ray_train import fit_with_ray_train
 
     cache = {}
 
@@ -183,7 +183,7 @@ def test_the_driver_receives_metrics_not_gradients(collective_runs, root):
 
 @pytest.mark.ray
 def test_a_worker_killed_mid_iteration_resumes_from_the_last_checkpoint(private_ray, root, collective_runs, tmp_path, monkeypatch):
-    from metarec.ray_train import KILL_ENV, fit_with_ray_train, kill_marker
+    from metarec.ray.ray_train import KILL_ENV, fit_with_ray_train, kill_marker
 
     monkeypatch.setenv(KILL_ENV, "2:1")  # worker 1 exits in iteration 2, after its task, before the all-gather
     out = str(tmp_path / "run")

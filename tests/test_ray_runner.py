@@ -17,13 +17,8 @@ import torch
 from metarec.config import config_from_dict
 from metarec.data.synthetic import generate_domains
 from metarec.errors import DataError, NonFiniteError
-from metarec.runners.ray_runner import (
-    FAIL_TASK_ONCE_ENV,
-    RayRunner,
-    WorkerFailedError,
-    enable_local_token_auth,
-    worker_config,
-)
+from metarec.ray.driver import FAIL_TASK_ONCE_ENV, RayRunner, WorkerFailedError
+from metarec.ray.session import enable_local_token_auth, worker_config
 from metarec.train import Trainer
 
 ITERATIONS = 3

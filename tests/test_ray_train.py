@@ -47,7 +47,7 @@ def metrics_of(out: str) -> dict:
 
 @pytest.mark.ray
 def test_one_worker_equals_the_local_run(private_ray, root, tmp_path):
-    from metarec.ray_train import fit_with_ray_train
+    from metarec.ray.ray_train import fit_with_ray_train
 
     cfg = config_from_dict(baseline_config(root, num_workers=1))
     assert cfg.method == "target_only"
@@ -65,7 +65,7 @@ def test_one_worker_equals_the_local_run(private_ray, root, tmp_path):
 def test_a_killed_worker_is_restored_from_the_last_checkpoint(private_ray, root, tmp_path, monkeypatch):
     """Joint training on 2 data-parallel workers; worker 1 dies in step 3 (index 2), after
     the step-2 checkpoint: Ray Train restarts the group from it and the run finishes."""
-    from metarec.ray_train import KILL_ENV, fit_with_ray_train, kill_marker
+    from metarec.ray.ray_train import KILL_ENV, fit_with_ray_train, kill_marker
 
     monkeypatch.setenv(KILL_ENV, "2:1")
     scratch_parent = tmp_path / "tmp"

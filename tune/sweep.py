@@ -80,12 +80,12 @@ def _report(row: dict[str, Any], trainer, *, run_dir: str, metric: str) -> None:
 
 def metarec_trial(config: dict[str, Any], *, space: SearchSpace, experiment_uri: str) -> None:
     """Tune function trainable: train the trial's config; continue from Tune's checkpoint if restored."""
-    import torch
     from ray import tune as ray_tune
 
     from metarec import launch
+    from metarec.ray.session import set_worker_threads
 
-    torch.set_num_threads(max(1, int(space.trial_resources["CPU"])))
+    set_worker_threads(space.trial_resources["CPU"])
     trial_id = ray_tune.get_context().get_trial_id()
     run_dir = trial_run_dir(experiment_uri, trial_id)
     evals = space.base_config.train.eval_every
@@ -321,7 +321,7 @@ def run_sweep(
     """
     from ray import tune as ray_tune
 
-    from metarec.runners.ray_runner import connect
+    from metarec.ray.session import connect
 
     space = load_space(space_path, overrides)
     if num_samples is not None and num_samples < 1:

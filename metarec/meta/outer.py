@@ -29,7 +29,7 @@ def inner_changes(results: list[TaskResult], weights: dict[str, dict[int, float]
     so the similarity weights also decide how much of each source's own step θ keeps.
     A linear sum over the tasks that carry a `source_delta`: given all results with
     their deltas it is the whole change; the collective runner sums the partial
-    changes of its workers (metarec.runners.collective).
+    changes of its workers (metarec.ray.collective).
     """
     tasks_of: dict[str, int] = defaultdict(int)
     for r in results:
