@@ -160,6 +160,7 @@ def collective_runs(private_ray, root, tmp_path_factory):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_collective_runner_equals_the_driver_runner(driver_run, collective_runs, world):
     params, rows, metrics = collective_runs(world)
@@ -182,6 +183,7 @@ def test_the_driver_receives_metrics_not_gradients(collective_runs, root):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_worker_killed_mid_iteration_resumes_from_the_last_checkpoint(private_ray, root, collective_runs, tmp_path, monkeypatch):
     from metarec.ray.ray_train import KILL_ENV, fit_with_ray_train, kill_marker
 

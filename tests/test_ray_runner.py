@@ -117,6 +117,7 @@ def test_ray_runner_matches_local_runner(ray_home, root, reference):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_injected_worker_deaths_change_no_result(ray_home, root, reference, monkeypatch):
     monkeypatch.setenv(FAIL_TASK_ONCE_ENV, "1:1")
     got, trainer = meta_train(tiny_config(root), ray_factory)
@@ -125,6 +126,7 @@ def test_injected_worker_deaths_change_no_result(ray_home, root, reference, monk
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_killed_workers_change_no_result(ray_home, root, reference, monkeypatch):
     """ray.kill of a live worker while tasks are in flight (iteration 0) and between iterations (before 2)."""
     real_wait = ray.wait
@@ -200,6 +202,7 @@ def test_worker_config_makes_a_local_data_root_absolute(root, monkeypatch):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_replaced_worker_is_logged_and_counted_in_history(ray_home, root, tmp_path, capfd, monkeypatch):
     monkeypatch.setenv(FAIL_TASK_ONCE_ENV, "1:1")
     cfg = tiny_config(root)

@@ -46,6 +46,7 @@ def metrics_of(out: str) -> dict:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_one_worker_equals_the_local_run(private_ray, root, tmp_path):
     from metarec.ray.ray_train import fit_with_ray_train
 
@@ -62,6 +63,7 @@ def test_one_worker_equals_the_local_run(private_ray, root, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_killed_worker_is_restored_from_the_last_checkpoint(private_ray, root, tmp_path, monkeypatch):
     """Joint training on 2 data-parallel workers; worker 1 dies in step 3 (index 2), after
     the step-2 checkpoint: Ray Train restarts the group from it and the run finishes."""
@@ -116,6 +118,7 @@ def test_more_workers_than_ray_can_place_is_one_line_exit_2(private_ray, root, t
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_collective_cli_run_listens_on_loopback_only_and_leaves_no_process(root, tmp_path):
     """`metarec train --ray --set ray.mode=collective` in its own process: once worker 0 has
     written a step checkpoint (the gloo group is up), every listening socket of the run's
