@@ -47,7 +47,8 @@ def run(
 ) -> dict[str, Any]:
     """Train `cfg` into the run directory `out` in `mode` (one of MODES); returns the
     final metrics. `address`: a Ray cluster (default: a private local Ray); `workers`
-    (an explicit --workers) sets `ray.num_workers` and must fit; `check_capacity=False`
+    (an explicit --workers) sets `ray.num_workers`: on Ray Train it must fit, the driver
+    runner on a local Ray lowers it to what fits (with a notice); `check_capacity=False`
     skips the placement check where the workers' resources are already reserved (a Tune
     trial); `config_path` names the config in the CPU-time warning of a local run."""
     if mode not in MODES:
