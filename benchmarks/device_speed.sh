@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 10's one prepared GPU check: the fast-path equality tests on CUDA, then
-# `benchmarks/speed.py --device cuda`; results land in benchmarks/results/speed_cuda.*
+# The one prepared GPU check: the fast-path equality tests on CUDA, then
+# `benchmarks/speed.py --device cuda`; results land in benchmarks/results/speed/speed_cuda.*
 # and, on the lent machine, in $OUT. See ../shared/device/README.md.
 #
 # Prepare on this machine (git-ignored folder .device/, carried with the checkout):
@@ -38,6 +38,6 @@ if [ -n "${QUICK:-}" ]; then
   $PY benchmarks/speed.py --device "$DEVICE" --quick "${official[@]}" | tee "$OUT/speed_quick.jsonl"
 else
   $PY benchmarks/speed.py --device "$DEVICE" "${official[@]}" 2>&1 | tee "$OUT/speed.log" | grep '^{' || true
-  cp benchmarks/results/speed_"$DEVICE"*.{json,md} "$OUT/" 2>/dev/null || cp benchmarks/results/speed.{json,md} "$OUT/"
+  cp benchmarks/results/speed/speed_"$DEVICE"*.{json,md} "$OUT/" 2>/dev/null || cp benchmarks/results/speed/speed.{json,md} "$OUT/"
 fi
 exit $status

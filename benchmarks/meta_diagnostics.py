@@ -1,5 +1,5 @@
 """How far does the inner step move θ, and how much does the meta gradient differ from
-the plain target gradient? (issue 11, point 4)
+the plain target gradient?
 
 For a MetaRec config, at θ after `--warmup` MetaRec iterations, over `--batches` draws of
 n tasks, per parameter group (`encoder`, `items.<target>`, `items.<source>`/`bias.<source>`):
@@ -21,7 +21,7 @@ import tempfile
 from collections import defaultdict
 
 import torch
-from common import header, prepare_shared_data, write_results
+from common import bench_config, header, prepare_shared_data, write_results
 
 from metarec.config import config_from_dict
 from metarec.meta.inner_loop import inner_loop
@@ -112,14 +112,14 @@ def main() -> None:
     root = prepare_shared_data()
     rows = []
     for alpha in args.inner_lr:
-        raw = {
-            "name": "diag", "seed": 0,
-            "data": {"root": root, "target": args.target, "sources": args.sources, "max_len": 50, "source_max_len": 20,
-                     "target_users": args.target_users, "subsample_seed": 0, "subsample_items": "compact"},
-            "model": {"dropout": args.dropout},
-            "train": {"max_steps": 10**6, "eval_every": 10**6, "source_negatives": 1024, "progress": False},
-            "meta": {"inner_lr": alpha, "source_batch_size": 64, "first_order": args.first_order},
-        }
+        raw = bench_config("metarec_video", {
+            "name": "diag", "seed": 0, "data.root": root, "data.target": args.target, "data.sources": args.sources,
+            "data.source_max_len": 20, "data.target_users": args.target_users, "data.subsample_seed": 0,
+            "data.subsample_items": "compact", "model.dropout": args.dropout,
+            "train.max_steps": 10**6, "train.eval_every": 10**6, "train.patience": 10, "train.source_negatives": 1024,
+            "train.checkpoint_every": 0, "train.progress": False,
+            "meta.inner_lr": alpha, "meta.source_batch_size": 64, "meta.first_order": args.first_order,
+        })
         with tempfile.TemporaryDirectory() as tmp:
             trainer = Trainer.from_config(config_from_dict(raw), tmp)
             done = 0
@@ -132,7 +132,7 @@ def main() -> None:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     meta = header("Meta diagnostics: inner-step size and meta gradient vs target gradient", f"{args.target} {args.target_users} users (compact), sources {args.sources}, window 20, batch 64, 1024 negatives, n=3, dropout {args.dropout}, {args.batches} task draws per point")
-    write_results(args.results_name, meta, rows)
+    write_results(args.results_name, meta, rows, experiment="meta_diagnostics")
 
 
 if __name__ == "__main__":

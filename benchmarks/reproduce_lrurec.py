@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import METRICS, RESULTS, header, peak_rss_gib, prepare_shared_data, write_results
+from common import METRICS, bench_config, experiment_dir, header, peak_rss_gib, prepare_shared_data, write_results
 
 from metarec.config import config_from_dict
 from metarec.train import train
@@ -33,16 +33,12 @@ PUBLISHED = {
 
 
 def config(root: str, dataset: str, backbone: str, seed: int, steps: int, eval_every: int) -> dict:
-    return {
-        "name": f"reproduce_{dataset}_{backbone}",
-        "seed": seed,
-        "data": {"root": root, "target": dataset, "max_len": 200 if dataset == "movielens-1m" else 50},
-        "model": {"backbone": backbone, "hidden": 64, "blocks": 2, "dropout": 0.2},
-        "train": {
-            "batch_size": 128, "lr": 1e-3, "weight_decay": 0.01, "optimizer": "adamw",
-            "max_steps": steps, "eval_every": eval_every, "patience": 5, "progress": sys.stderr.isatty(),
-        },
-    }
+    """configs/target_only_video.yaml (the LRURec settings) on `dataset` with `backbone`."""
+    return bench_config("target_only_video", {
+        "name": f"reproduce_{dataset}_{backbone}", "seed": seed, "data.root": root, "data.target": dataset,
+        "data.max_len": 200 if dataset == "movielens-1m" else 50, "model.backbone": backbone,
+        "train.max_steps": steps, "train.eval_every": eval_every, "train.patience": 5, "train.progress": sys.stderr.isatty(),
+    })
 
 
 def beauty_eval_memory(root: str) -> dict:
@@ -73,13 +69,14 @@ def memory_notes(mem: dict) -> list[str]:
 
 
 def remeasure_memory(root: str) -> None:
-    rows = json.loads((RESULTS / "reproduce_lrurec.json").read_text())
-    meta = json.loads((RESULTS / "reproduce_lrurec.meta.json").read_text())
+    folder = experiment_dir("reproduce_lrurec")
+    rows = json.loads((folder / "reproduce_lrurec.json").read_text())
+    meta = json.loads((folder / "reproduce_lrurec.meta.json").read_text())
     mem = beauty_eval_memory(root)
     meta["beauty_eval"] = mem
     for r in rows:
         r["beauty eval peak GiB"] = round(mem["peak_rss_gib"], 3)
-    write_results("reproduce_lrurec", meta, rows, memory_notes(mem))
+    write_results("reproduce_lrurec", meta, rows, memory_notes(mem), experiment="reproduce_lrurec")
 
 
 def main() -> None:
@@ -123,7 +120,7 @@ def main() -> None:
     notes = memory_notes(mem)
     for r in rows:
         r["beauty eval peak GiB"] = round(mem["peak_rss_gib"], 3)
-    write_results("reproduce_lrurec", meta, rows, notes)
+    write_results("reproduce_lrurec", meta, rows, notes, experiment="reproduce_lrurec")
 
 
 if __name__ == "__main__":

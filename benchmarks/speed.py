@@ -41,10 +41,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, RESULTS, header, prepare_shared_data, write_results  # noqa: E402
+from common import REPO, bench_config, experiment_dir, header, prepare_shared_data, write_results  # noqa: E402
 
 from metarec import fastpath  # noqa: E402
 from metarec.config import config_from_dict  # noqa: E402
@@ -137,20 +136,16 @@ def _step_fn(trainer, reference: bool) -> Callable[[int], None]:
 
 
 def _shape_config(root: str, shape: str, backbone: str) -> dict[str, Any]:
+    """The LRURec settings (configs/target_only_video.yaml) at one of the SHAPES."""
     dataset, max_len = SHAPES[shape]
-    return {
-        "name": f"speed_{backbone}_{shape}",
-        "data": {"root": root, "target": dataset, "max_len": max_len},
-        "model": {"backbone": backbone, "hidden": 64, "blocks": 2, "dropout": 0.2},
-        "train": {"batch_size": BATCH, "lr": 1e-3, "weight_decay": 0.01, "optimizer": "adamw"},
-    }
+    return bench_config("target_only_video", {
+        "name": f"speed_{backbone}_{shape}", "data.root": root, "data.target": dataset, "data.max_len": max_len,
+        "model.backbone": backbone, "train.batch_size": BATCH,
+    })
 
 
 def _reference_config(root: str, meta: bool = True) -> dict[str, Any]:
-    cfg = yaml.safe_load((REPO / "configs" / "metarec_video.yaml").read_text())
-    cfg["data"]["root"] = root
-    cfg["meta"]["enabled"] = meta
-    return cfg
+    return bench_config("metarec_video", {"data.root": root, "meta.enabled": meta})
 
 
 def _official_step(folder: str, windows, n_items: int, device: str, seed: int = 0) -> Callable[[int], None]:
@@ -198,8 +193,7 @@ def group_train_step(a, backbone: str, shape: str) -> list[dict[str, Any]]:
 
 def group_reference(a) -> list[dict[str, Any]]:
     """target-only, joint and MetaRec at the reference config; joint and meta on the same batches."""
-    tgt = yaml.safe_load((REPO / "configs" / "target_only_video.yaml").read_text())
-    tgt["data"]["root"] = a.root
+    tgt = bench_config("target_only_video", {"data.root": a.root})
     fns = {
         "target_only_step/fast": _step_fn(_trainer(tgt, a.device, f"{a.tmp}/tgt_fast"), False),
         "target_only_step/reference": _step_fn(_trainer(tgt, a.device, f"{a.tmp}/tgt_ref"), True),
@@ -229,9 +223,7 @@ def group_reference(a) -> list[dict[str, Any]]:
 def group_eval(a, impl: str) -> list[dict[str, Any]]:
     from metarec.problem import build_problem, target_metrics
 
-    cfg = yaml.safe_load((REPO / "configs" / "target_only_video.yaml").read_text())
-    cfg["data"]["root"] = a.root
-    cfg["train"].update({"device": a.device, "progress": False})
+    cfg = bench_config("target_only_video", {"data.root": a.root, "train.device": a.device, "train.progress": False})
     problem = build_problem(config_from_dict(cfg))
     times, cpu = [], []
     for _ in range(a.eval_reps):
@@ -342,19 +334,20 @@ def main() -> None:
     meta = header("Speed: training steps, meta iteration, full-ranking evaluation", f"{a.threads} threads, {a.reps} interleaved repetitions per train-step row ({a.meta_reps} for the reference config), {a.eval_reps} evaluations")
     meta["official"] = "official LRURec model/lru.py (github.com/yueqirex/LRURec), imported at run time" if a.official else None
     name = f"speed_{a.device}" if a.device != "cpu" else "speed"
-    if a.merge and (RESULTS / f"{name}.json").exists():
+    folder = experiment_dir("speed")
+    if a.merge and (folder / f"{name}.json").exists():
         key = lambda r: (r["device"], r["what"], r["shape"], r["impl"], r["threads"])  # noqa: E731
         new = {key(r) for r in rows}
-        old = [r for r in json.loads((RESULTS / f"{name}.json").read_text()) if key(r) not in new]
+        old = [r for r in json.loads((folder / f"{name}.json").read_text()) if key(r) not in new]
         rows = old + rows
         order = [w for w in ("lru_train_step", "sasrec_train_step", "target_only_step", "joint_step", "metarec_iteration", "eval_full_ranking")]
         rows.sort(key=lambda r: (order.index(r["what"]) if r["what"] in order else len(order), -r["threads"]))
-        earlier = RESULTS / f"{name}.meta.json"
+        earlier = folder / f"{name}.meta.json"
         if old and earlier.exists():  # say which command measured which rows
             before = json.loads(earlier.read_text())
             meta["command"] = f"{before['command']}; then {meta['command']} (merged: its rows replace those it measured)"
             meta["budget"] = f"{before['budget']}; then {meta['budget']}"
-    write_results(name, meta, rows, notes=NOTES)
+    write_results(name, meta, rows, notes=NOTES, experiment="speed")
 
 
 NOTES = [

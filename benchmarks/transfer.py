@@ -16,67 +16,46 @@ peak memory.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
 import time
 
 import torch
-from common import METRICS, RESULTS, header, peak_rss_gib, prepare_shared_data, summarize, write_results
+from common import METRICS, bench_config, experiment_dir, header, peak_rss_gib, prepare_shared_data, summarize, write_results
 
 import metarec.objective as objective
 from metarec.config import config_from_dict
 from metarec.train import Trainer, train
 
-METHODS = {
-    "lru_target_only": {"data": {"sources": []}},
-    "sasrec_target_only": {"data": {"sources": []}, "model": {"backbone": "sasrec"}},
+# Method = dotted-key overrides of the MetaRec config (configs/metarec_video.yaml)
+METHODS: dict[str, dict] = {
+    "lru_target_only": {"data.sources": []},
+    "sasrec_target_only": {"data.sources": [], "model.backbone": "sasrec"},
     # MetaRec's outer step sees n target batches per iteration; this baseline sees as much target data per step
-    "lru_target_only_nx_batch": {"data": {"sources": []}, "train": {"batch_size": 128 * 3}},
-    "joint": {"meta": {"enabled": False}},
+    "lru_target_only_nx_batch": {"data.sources": [], "train.batch_size": 128 * 3},
+    "joint": {"meta.enabled": False},
     "metarec": {},
-    "metarec_single_head": {"vq": {"heads": 1}},
-    "metarec_no_vq": {"vq": {"enabled": False}},
-    "metarec_no_rescale": {"rescale": {"enabled": False}},
-    "metarec_paper_literal": {"rescale": {"direction": "paper_literal"}},
+    "metarec_single_head": {"vq.heads": 1},
+    "metarec_no_vq": {"vq.enabled": False},
+    "metarec_no_rescale": {"rescale.enabled": False},
+    "metarec_paper_literal": {"rescale.direction": "paper_literal"},
 }
 
 
-def merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def base_config(args, root: str, seed: int) -> dict:
-    return {
-        "name": "transfer",
-        "seed": seed,
-        "data": {
-            "root": root, "target": args.target, "sources": args.sources, "max_len": 50,
-            "source_max_len": args.source_max_len, "target_users": args.target_users,
-        },
-        "model": {"backbone": "lru", "hidden": 64, "blocks": 2, "dropout": 0.2},
-        "train": {
-            "batch_size": 128, "lr": 1e-3, "weight_decay": 0.01, "max_steps": args.steps,
-            "eval_every": args.eval_every, "patience": 100, "source_negatives": args.source_negatives,
-            "progress": sys.stderr.isatty(),
-        },
-        "vq": {"heads": 4},
-        "meta": {"tasks_per_iter": 3, "inner_lr": args.inner_lr, "inner_steps": 1, "source_batch_size": args.source_batch_size},
-        "rescale": {"tau": args.tau},
-    }
+def run_config(args, root: str, seed: int, method: str) -> dict:
+    return bench_config("metarec_video", {
+        "name": "transfer", "seed": seed, "data.root": root, "data.target": args.target, "data.sources": args.sources,
+        "data.source_max_len": args.source_max_len, "data.target_users": args.target_users,
+        "train.max_steps": args.steps, "train.eval_every": args.eval_every, "train.patience": 100,
+        "train.source_negatives": args.source_negatives, "train.checkpoint_every": 0, "train.progress": sys.stderr.isatty(),
+        "meta.inner_lr": args.inner_lr, "meta.source_batch_size": args.source_batch_size, "rescale.tau": args.tau,
+        **METHODS[method],
+    })
 
 
 def iteration_cost(args, root: str, iterations: int = 4) -> dict:
     """Seconds of one MetaRec iteration vs one joint step on the same task batches; VQ share; peak RSS."""
-    raw = base_config(args, root, 0)
-    raw["train"]["progress"] = False
     vq_time = [0.0]
     original = objective.quantize
 
@@ -91,7 +70,9 @@ def iteration_cost(args, root: str, iterations: int = 4) -> dict:
         out = {}
         with tempfile.TemporaryDirectory() as tmp:
             for method in ("metarec", "joint"):
-                trainer = Trainer.from_config(config_from_dict(merge(raw, METHODS[method])), f"{tmp}/{method}")
+                raw = run_config(args, root, 0, method)
+                raw["train"]["progress"] = False
+                trainer = Trainer.from_config(config_from_dict(raw), f"{tmp}/{method}")
                 trainer.step(0)  # warm-up
                 vq_time[0] = 0.0
                 t = time.perf_counter()
@@ -126,11 +107,11 @@ def main() -> None:
     ap.add_argument("--inner-lr", type=float, default=1e-2)
     ap.add_argument("--tau", type=float, default=1.0)
     ap.add_argument("--skip-cost", action="store_true")
-    ap.add_argument("--results-name", default="transfer", help="benchmarks/results/NAME.{json,md}")
+    ap.add_argument("--results-name", default="transfer", help="benchmarks/results/transfer/NAME.{json,md}")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (run seeds in parallel with 1 each)")
     ap.add_argument(
         "--rows-from", nargs="+", default=None, metavar="NAME",
-        help="skip training: combine the rows of earlier runs (benchmarks/results/NAME.json, e.g. one per seed)",
+        help="skip training: combine the rows of earlier runs (benchmarks/results/transfer/NAME.json, e.g. one per seed)",
     )
     args = ap.parse_args()
     if args.full:
@@ -144,11 +125,11 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.rows_from:
         for name in args.rows_from:
-            rows.extend(json.loads((RESULTS / f"{name}.json").read_text()))
+            rows.extend(json.loads((experiment_dir("transfer") / f"{name}.json").read_text()))
         args.seeds = sorted({r["seed"] for r in rows})
     for seed in [] if args.rows_from else args.seeds:
         for method in args.methods:
-            cfg = config_from_dict(merge(base_config(args, root, seed), METHODS[method]))
+            cfg = config_from_dict(run_config(args, root, seed, method))
             with tempfile.TemporaryDirectory() as run_dir:
                 m = train(cfg, run_dir)
             row = {"dataset": args.target, "method": method, "seed": seed, **{k: m["test"][k] for k in METRICS}}
@@ -195,7 +176,7 @@ def main() -> None:
         "| " + " | ".join(f"{r[c]:.5f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |" for r in summary))
     for r in rows:
         r["device"] = meta["machine"]
-    write_results(args.results_name, meta, rows, notes)
+    write_results(args.results_name, meta, rows, notes, experiment="transfer")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Transfer at convergence: MetaRec vs tuned target-only baselines, joint training and the
-ablations, across target sizes (issue 11).
+ablations, across target sizes.
 
 Every run trains until early stopping on target validation NDCG@10: validation every
 `--eval-fraction` of a target epoch (counted in target sequences seen, so a MetaRec
@@ -13,7 +13,7 @@ with a fixed seed (`data.subsample_seed`, so every method and seed sees the same
 and compacted to the items those users hold (`data.subsample_items: compact`), as a
 small domain of its own would be. Seeds vary the initialisation, dropout and batches.
 
-    # runs (one JSON row per finished run, appended to benchmarks/results/NAME.jsonl;
+    # runs (one JSON row per finished run, appended to benchmarks/results/transfer_converge/NAME.jsonl;
     # finished runs are skipped, so an interrupted command just continues):
     python benchmarks/transfer_converge.py run --target-users 1000 3000 --seeds 0 1 2 --jobs 2
     # ad-hoc variants: METHOD+key=value+...
@@ -23,7 +23,8 @@ small domain of its own would be. Seeds vary the initialisation, dropout and bat
     python benchmarks/transfer_converge.py report
 
 Per-run details (validation curve, per-source weights over time, per-user test NDCG@10
-for the bootstrap) go to benchmarks/results/NAME_runs/.
+for the bootstrap) go to benchmarks/results/transfer_converge/NAME_runs/. The base config
+is configs/converge/metarec_video_1k.yaml; the statistics are metarec.compare's.
 """
 
 from __future__ import annotations
@@ -40,12 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from common import RESULTS, header, machine, prepare_shared_data
+from common import bench_config, experiment_dir, header, machine, ndcg_at_10, paired_bootstrap, prepare_shared_data
 from harmful_sources import SUFFIX, shuffled_copy
 from transfer import METHODS as TRANSFER_METHODS
-from transfer import merge
-
-from metarec.config import set_dotted
 
 DEFAULT_SOURCES = ["amazon-beauty", "amazon-sports", "yelp", "movielens-1m"]
 
@@ -54,21 +52,17 @@ DEFAULT_SOURCES = ["amazon-beauty", "amazon-sports", "yelp", "movielens-1m"]
 METHODS: dict[str, dict] = {k: v for k, v in TRANSFER_METHODS.items() if k != "metarec_paper_literal"}
 
 
-def base_config(args, root: str, target: str, users: int | None, seed: int) -> dict:
+
+
+def base_overrides(args, root: str, target: str, users: int | None, seed: int) -> dict:
+    """The protocol's settings on top of configs/converge/metarec_video_1k.yaml."""
     return {
-        "name": "converge",
-        "seed": seed,
-        "data": {
-            "root": root, "target": target, "sources": [s for s in args.sources if s != target], "max_len": args.max_len,
-            "source_max_len": args.source_max_len, "target_users": users, "subsample_seed": 0, "subsample_items": "compact",
-        },
-        "model": {"backbone": "lru", "hidden": 64, "blocks": 2, "dropout": 0.2},
-        "train": {
-            "batch_size": 128, "lr": 1e-3, "weight_decay": 0.01, "max_steps": args.max_steps, "eval_every": 1,
-            "patience": args.patience, "source_negatives": args.source_negatives, "progress": False,
-        },
-        "vq": {"heads": 4},
-        "meta": {"tasks_per_iter": 3, "source_batch_size": args.source_batch_size},
+        "name": "converge", "seed": seed, "data.root": root, "data.target": target,
+        "data.sources": [s for s in args.sources if s != target], "data.max_len": args.max_len,
+        "data.source_max_len": args.source_max_len, "data.target_users": users,
+        "train.max_steps": args.max_steps, "train.eval_every": 1, "train.patience": args.patience,
+        "train.source_negatives": args.source_negatives, "train.progress": False,
+        "meta.source_batch_size": args.source_batch_size,
     }
 
 
@@ -78,9 +72,7 @@ def method_config(args, root, target, users, seed, method, tuned) -> tuple[dict,
     name, *pairs = method.split("+")
     base, over = (tuned[name]["base"], dict(tuned[name]["overrides"])) if name in tuned else (name, {})
     over.update({k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs)})
-    raw = merge(base_config(args, root, target, users, seed), METHODS[base])
-    for key, value in over.items():
-        set_dotted(raw, key, value)
+    raw = bench_config("converge/metarec_video_1k", {**base_overrides(args, root, target, users, seed), **METHODS[base], **over})
     return raw, over
 
 
@@ -102,8 +94,7 @@ def per_user_ndcg(trainer, split: str = "test") -> np.ndarray:
         for start in range(0, len(targets), 512):
             inputs = torch.from_numpy(left_pad(histories[start : start + 512], problem.cfg.data.max_len))
             scores = last_position_scores(model, params, problem.target, inputs)
-            ranks = rank_of_targets(scores, torch.from_numpy(targets[start : start + 512]), inputs).double()
-            out.append(torch.where(ranks <= 10, 1.0 / torch.log2(ranks + 1), 0.0).numpy())
+            out.append(ndcg_at_10(rank_of_targets(scores, torch.from_numpy(targets[start : start + 512]), inputs).numpy()))
     return np.concatenate(out)
 
 
@@ -153,11 +144,11 @@ def run_one(job: dict) -> dict:
 def detail_path(name: str, row_key: tuple) -> str:
     dataset, users, method, seed, source_set = row_key
     group = f"{dataset}-{users or 'all'}" + (f"-{source_set}" if source_set else "")
-    return str(RESULTS / f"{name}_runs" / group / f"{method}-seed{seed}.json")
+    return str(experiment_dir(name) / f"{name}_runs" / group / f"{method}-seed{seed}.json")
 
 
 def load_rows(name: str) -> list[dict]:
-    path = RESULTS / f"{name}.jsonl"
+    path = experiment_dir(name) / f"{name}.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -169,7 +160,7 @@ def key_of(row: dict) -> tuple:
 
 def run_jobs(args, jobs: list[dict]) -> list[dict]:
     """Run the jobs (args.jobs at a time), appending each finished row to NAME.jsonl."""
-    out_path = RESULTS / f"{args.name}.jsonl"
+    out_path = experiment_dir(args.name) / f"{args.name}.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     if not jobs:
@@ -191,7 +182,7 @@ def run_jobs(args, jobs: list[dict]) -> list[dict]:
 
 
 def load_tuned(name: str) -> dict:
-    path = RESULTS / f"{name}_tuned.json"
+    path = experiment_dir(name) / f"{name}_tuned.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -220,14 +211,6 @@ def cmd_run(args) -> None:
 
 
 # ---------------------------------------------------------------- the report
-
-
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of a − b over users and its 95% bootstrap interval (users resampled)."""
-    diff = a - b
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, diff.size, size=(reps, diff.size))].mean(axis=1)
-    return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def cmd_report(args) -> None:
@@ -262,17 +245,17 @@ def cmd_report(args) -> None:
                     continue
                 a = np.mean([per_user(args.name, dataset, users, m, s, source_set) for s in seeds], axis=0)
                 b = np.mean([per_user(args.name, dataset, users, best, s, source_set) for s in seeds], axis=0)
-                mean, lo, hi = paired_bootstrap(a, b)
+                mean, lo, hi = paired_bootstrap(b, a)  # a − b: the method against the best target-only
                 ratio = stats[m]["NDCG@10"] / stats[best]["NDCG@10"]
                 lines.append(f"- {m} − {best}: {mean:+.5f} [{lo:+.5f}, {hi:+.5f}] (ratio of means {ratio:.3f}; seeds {seeds})")
                 stats[m]["vs_best_target_only"] = {"baseline": best, "diff": mean, "ci95": [lo, hi], "ratio": ratio}
         lines.append("")
-    notes_path = RESULTS / f"{args.name}_notes.md"
+    notes_path = experiment_dir(args.name) / f"{args.name}_notes.md"
     if notes_path.exists():
         lines += [notes_path.read_text()]
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (RESULTS / f"{args.name}.meta.json").write_text(json.dumps({**meta, "summary": summary}, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (experiment_dir(args.name) / f"{args.name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (experiment_dir(args.name) / f"{args.name}.meta.json").write_text(json.dumps({**meta, "summary": summary}, indent=1) + "\n")
+    (experiment_dir(args.name) / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     plot(args.name, summary, rows)
     print("\n".join(lines))
 
@@ -322,13 +305,13 @@ def plot(name: str, summary: list[dict], rows: list[dict]) -> None:
     ax2.set_title(f"validation curves\n{main}, {small} target users, seed 0", fontsize=9)
     ax2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    fig.savefig(experiment_dir(name) / f"{name}.png", dpi=110)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["run", "report"])
-    ap.add_argument("--name", default="transfer_converge", help="results file stem in benchmarks/results")
+    ap.add_argument("--name", default="transfer_converge", help="experiment: results go to benchmarks/results/NAME/NAME.*")
     ap.add_argument("--target", default="amazon-video-games")
     ap.add_argument("--sources", nargs="+", default=DEFAULT_SOURCES,
                     help="source domains (NAME-shuffled: a copy of NAME with every sequence permuted, see harmful_sources.py)")

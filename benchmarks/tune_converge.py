@@ -1,14 +1,14 @@
 """A `metarec tune` search at the convergence protocol, recorded for the transfer benchmark.
 
 Runs the sweep of a space file (every trial trains until early stopping on target
-validation NDCG@10), writes benchmarks/results/NAME.{json,md} (one row per trial: the
-sampled parameters, best validation NDCG@10, test metrics, status) and records the best
-trial's parameters (picked by validation, never by test) as METHOD_tuned in
-benchmarks/results/transfer_converge_tuned.json, where `transfer_converge.py run
---methods METHOD_tuned` picks them up.
+validation NDCG@10), writes benchmarks/results/transfer_converge/NAME.{json,md} (one row
+per trial: the sampled parameters, best validation NDCG@10, test metrics, status) and
+records the best trial's parameters (picked by validation, never by test) as METHOD_tuned
+in benchmarks/results/transfer_converge/transfer_converge_tuned.json, where
+`transfer_converge.py run --methods METHOD_tuned` picks them up.
 
-    python benchmarks/tune_converge.py tune/spaces/converge_target_only_1k.yaml --method lru_target_only --name tune_video_target_only
-    python benchmarks/tune_converge.py tune/spaces/converge_metarec_1k.yaml --method metarec --name tune_video
+    python benchmarks/tune_converge.py tune/spaces/converge_target_only_1k.yaml --method lru_target_only --name tune_converge_target_only_1k
+    python benchmarks/tune_converge.py tune/spaces/converge_metarec_1k.yaml --method metarec --name tune_converge_metarec_1k
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import METRICS, REPO, RESULTS, header, prepare_shared_data, write_results
+from common import METRICS, REPO, experiment_dir, header, prepare_shared_data, write_results
 
 from metarec import fs
 from tune.sweep import run_sweep
@@ -26,7 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("space")
     ap.add_argument("--method", required=True, help="the transfer_converge method whose tuned variant this is")
-    ap.add_argument("--name", required=True, help="results file stem (benchmarks/results/NAME.*) and sweep name")
+    ap.add_argument("--name", required=True, help="results file stem (benchmarks/results/transfer_converge/NAME.*) and sweep name")
     ap.add_argument("--storage-path", default=str(REPO / "runs" / "tune"))
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--tuned-file", default="transfer_converge_tuned.json")
@@ -42,7 +42,7 @@ def main() -> None:
     scored = [r for r in rows if r["best val NDCG@10"] is not None]
     best = max(scored, key=lambda r: r["best val NDCG@10"])
     params = next(t["params"] for t in trials if t["trial_id"] == best["trial"])
-    tuned_path = RESULTS / args.tuned_file
+    tuned_path = experiment_dir("transfer_converge") / args.tuned_file
     tuned = json.loads(tuned_path.read_text()) if tuned_path.exists() else {}
     tuned[f"{args.method}_tuned"] = {"base": args.method, "overrides": params, "val NDCG@10": best["best val NDCG@10"], "trials": len(rows), "search": args.name}
     tuned_path.write_text(json.dumps(tuned, indent=1) + "\n")
@@ -50,7 +50,7 @@ def main() -> None:
     meta["sweep"] = summary
     notes = [f"Best trial by validation NDCG@10: {best['trial']} {params} (val {best['best val NDCG@10']:.5f}); "
              f"recorded as {args.method}_tuned in {args.tuned_file}. Tuned vs default on the same seeds: transfer_converge.md."]
-    write_results(args.name, meta, rows, notes)
+    write_results(args.name, meta, rows, notes, experiment="transfer_converge")
     print(notes[0])
 
 

@@ -15,7 +15,7 @@ iterations, validation every 100 (ASHA grace 2 evaluations, reduction factor 2).
     python benchmarks/tune_video.py --steps 4 --trials 2         # smoke test (minutes)
     python benchmarks/tune_video.py --resume                     # continue an interrupted sweep
 
-Writes benchmarks/results/tune_video.{json,md,meta.json}: one row per trial (τ, heads,
+Writes benchmarks/results/tune_video/tune_video.{json,md,meta.json}: one row per trial (τ, heads,
 α, β, inner steps, best validation NDCG@10, test metrics) and a row for the default
 config; the sweep's own results.md, best_config.yaml and sweep.png stay in the
 experiment directory (runs/tune/<name> unless --storage-path).
@@ -125,7 +125,7 @@ def main() -> None:
         f"{summary['early_stopped']} of {summary['trials']} trials early; their test metrics come from their best checkpoint.",
         f"Per-trial details, best_config.yaml and sweep.png: {experiment}.",
     ]
-    write_results("tune_video", meta, rows, notes)
+    write_results("tune_video", meta, rows, notes, experiment="tune_video")
 
 
 def _history(run_dir: str) -> list[dict]:

@@ -117,63 +117,13 @@ def _load(config_path, overrides):
 @_user_errors
 def train(config_path, overrides, out_dir, resume, use_ray, ray_address, use_ray_train, workers):
     """Train per CONFIG_PATH into a run directory (config, history, metrics, checkpoints)."""
-    from metarec.train import train as run_training
+    from metarec import launch
 
     cfg = _load(config_path, overrides)
     out_dir = out_dir or f"runs/{cfg.name}"
-    if workers is not None:
-        _set_workers(cfg, workers)
-    if use_ray_train or ((use_ray or ray_address) and cfg.method == "metarec" and cfg.ray.mode == "collective"):
-        metrics = _train_on_ray_train(cfg, out_dir, resume, ray_address, exact_workers=workers is not None)
-        click.echo(json.dumps({"run_dir": out_dir, "best_step": metrics["best_step"], "test": metrics["test"]}, indent=1))
-        return
-    from metarec.runtime import cpu_time_warning
-
-    warning = cpu_time_warning(cfg, config_path)
-    if warning:
-        click.echo(warning, err=True)
-    runner_factory = None
-    if use_ray or ray_address:
-        from metarec.runners.ray_runner import ray_runner_factory
-
-        if cfg.method == "metarec":
-            _fit_ray_workers(cfg, ray_address)
-        runner_factory = ray_runner_factory(address=ray_address)
-    metrics = run_training(cfg, out_dir, resume=resume, runner_factory=runner_factory, refuse_existing=True)
+    mode = launch.pick_mode(cfg, ray=bool(use_ray or ray_address), ray_train=use_ray_train)
+    metrics = launch.run(cfg, out_dir, mode, address=ray_address, workers=workers, resume=resume, config_path=config_path)
     click.echo(json.dumps({"run_dir": out_dir, "best_step": metrics["best_step"], "test": metrics["test"]}, indent=1))
-
-
-def _set_workers(cfg, workers: int) -> None:
-    from metarec.errors import ConfigError
-
-    if workers < 1:
-        raise ConfigError(f"--workers {workers}: the number of Ray workers must be at least 1")
-    cfg.ray.num_workers = workers
-
-
-def _train_on_ray_train(cfg, out_dir, resume, ray_address, *, exact_workers: bool) -> dict:
-    """`--ray-train` (or `ray.mode: collective`): the training loop on Ray Train workers."""
-    from metarec.run_dir import open_run
-    from metarec.ray_train import fit_with_ray_train
-
-    local = _fit_ray_workers(cfg, ray_address, exact=exact_workers)
-    with open_run(out_dir, cfg, resume=resume, refuse_existing=True):
-        return fit_with_ray_train(cfg, out_dir, local=local, resume=resume)
-
-
-def _fit_ray_workers(cfg, ray_address, exact: bool = False) -> bool:
-    """Connect to Ray now and check that it can place the workers (metarec.runners.capacity);
-    `exact` (an explicit --workers): refuse rather than lower the count. True for a local Ray."""
-    from metarec.runners.capacity import fit_ray_workers
-    from metarec.runners.ray_runner import connect
-
-    address = ray_address or os.environ.get("RAY_ADDRESS")
-    connect(ray_address)
-    where = f"the Ray cluster at {address}" if address else "this machine's local Ray"
-    notice = fit_ray_workers(cfg, local=not (address or exact), where=where)
-    if notice:
-        click.echo(notice, err=True)
-    return not address
 
 
 @cli.command()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from metarec.errors import MetaRecError
 
@@ -20,9 +21,10 @@ N_BOOT = 2000
 
 
 def ndcg_at_10(ranks: np.ndarray) -> np.ndarray:
-    """Per-user NDCG@10 of 1-based ranks (one relevant item per user)."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    return np.where(ranks <= 10, 1.0 / np.log2(ranks + 1.0), 0.0)
+    """Per-user NDCG@10 of 1-based ranks (one relevant item per user), in float64."""
+    from metarec.eval import ndcg_per_user
+
+    return ndcg_per_user(torch.as_tensor(np.asarray(ranks), dtype=torch.float64), 10).numpy()
 
 
 def paired_bootstrap(base: np.ndarray, other: np.ndarray, *, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:

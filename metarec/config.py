@@ -31,6 +31,8 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
+    """Which prepared domains a run reads (a config without sources trains target-only)."""
+
     root: str = Field(".cache/prepared", description="directory (or s3:// URI) holding prepared domains DIR/NAME")
     target: str = Field(..., pattern=NAME_PATTERN, description="name of the target domain")
     sources: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(default_factory=list, description="source domains; empty = target-only")
@@ -41,7 +43,9 @@ class DataConfig(_Section):
     subsample_items: Literal["keep", "compact"] = Field(
         "keep", description="after target_users: keep every item ID, or compact to the items the subsample holds"
     )
-    source_sampling: Literal["uniform", "proportional"] = "uniform"
+    source_sampling: Literal["uniform", "proportional"] = Field(
+        "uniform", description="how tasks draw their source: uniform, or proportional to its number of training windows"
+    )
 
     @model_validator(mode="after")
     def _check_domains(self) -> "DataConfig":
@@ -54,46 +58,56 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: Literal["lru", "sasrec", "gru4rec"] = "lru"
-    hidden: int = Field(64, ge=2, le=65536)
-    blocks: int = Field(2, ge=1, le=1024)
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    """The sequential recommender f = f_m ∘ f_e (docs/design.md §2)."""
+
+    backbone: Literal["lru", "sasrec", "gru4rec"] = Field("lru", description="lru (LRURec), sasrec or gru4rec")
+    hidden: int = Field(64, ge=2, le=65536, description="embedding and hidden size d")
+    blocks: int = Field(2, ge=1, le=1024, description="backbone layers")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout probability")
     attn_heads: int = Field(2, ge=1, le=65536, description="attention heads (sasrec only)")
 
 
 class TrainConfig(_Section):
-    batch_size: int = Field(128, ge=1, le=10_000_000)
+    """The optimizer, the budget, evaluation and checkpoints."""
+
+    batch_size: int = Field(128, ge=1, le=10_000_000, description="target windows per step (per task for MetaRec)")
     lr: float = Field(1e-3, gt=0, description="outer learning rate beta (target-only/joint: the only lr)")
-    weight_decay: float = Field(0.01, ge=0)
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    grad_clip: float | None = Field(5.0, gt=0)
+    weight_decay: float = Field(0.01, ge=0, description="decoupled weight decay (adamw) or L2 penalty (adam, sgd)")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="adamw, adam, or sgd (reproduces the paper's Eq. 8)")
+    grad_clip: float | None = Field(5.0, gt=0, description="global gradient-norm clip (null: none)")
     max_steps: int = Field(2000, ge=1, le=10**12, description="optimizer steps (meta iterations for MetaRec)")
-    eval_every: int = Field(200, ge=1)
+    eval_every: int = Field(200, ge=1, description="validate every N steps")
     patience: int = Field(10, ge=1, description="evaluations without improvement before early stop")
-    eval_batch_size: int = Field(256, ge=1, le=10_000_000)
-    eval_exclude_history: bool = True
+    eval_batch_size: int = Field(256, ge=1, le=10_000_000, description="users per evaluation chunk")
+    eval_exclude_history: bool = Field(True, description="rank without the items of the input window")
     source_negatives: int = Field(0, ge=0, description="sampled-softmax negatives for source domains; 0 = full softmax")
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto | cpu | cuda | cuda:N")
     checkpoint_every: int = Field(0, ge=0, description="write a resumable checkpoint every N steps (0 = only best)")
-    keep_checkpoints: int = Field(2, ge=1)
-    progress: bool = True
+    keep_checkpoints: int = Field(2, ge=1, description="step checkpoints kept (the newest)")
+    progress: bool = Field(True, description="print a line per validation on stderr")
 
 
 class VQConfig(_Section):
-    enabled: bool = True
-    heads: int = Field(4, ge=1, le=65536)
-    source_output: Literal["quantized", "raw"] = "quantized"
+    """Multi-head vector quantization of source items onto the target table (docs/design.md §3)."""
+
+    enabled: bool = Field(True, description="quantize source item embeddings onto the target's table")
+    heads: int = Field(4, ge=1, le=65536, description="VQ heads (must divide model.hidden)")
+    source_output: Literal["quantized", "raw"] = Field("quantized", description="source output matrix: quantized or raw")
     weight: float = Field(1.0, ge=0, description="coefficient of L_vq in the source loss")
     chunk_size: int = Field(4096, ge=1, description="rows per similarity chunk (memory O(chunk x K_t))")
 
 
 class MetaConfig(_Section):
-    enabled: bool = True
+    """Meta transfer (docs/design.md §4); enabled: false trains jointly."""
+
+    enabled: bool = Field(True, description="MetaRec; false = joint training on sources and target")
     tasks_per_iter: int = Field(3, ge=1, le=100_000, description="n: source tasks per meta iteration")
-    inner_steps: int = Field(1, ge=1, le=100_000)
+    inner_steps: int = Field(1, ge=1, le=100_000, description="inner-loop SGD steps per task")
     inner_lr: float = Field(1e-2, gt=0, description="inner learning rate alpha")
-    first_order: bool = False
-    source_params: Literal["persist_inner", "meta_only"] = "persist_inner"
+    first_order: bool = Field(False, description="drop the second-order terms of the meta gradient")
+    source_params: Literal["persist_inner", "meta_only"] = Field(
+        "persist_inner", description="source tables keep their inner-loop updates (persist_inner) or take only the outer step (meta_only)"
+    )
     persist_shared: float = Field(
         0.0, ge=0, le=1,
         description="fraction of the rescale-weighted inner-loop change the shared tensors keep after the outer step (0 = paper)",
@@ -106,22 +120,30 @@ class MetaConfig(_Section):
 
 
 class RescaleConfig(_Section):
-    enabled: bool = True
+    """Per-layer, similarity-based rescaling of the meta gradients (docs/design.md Eq. (7))."""
+
+    enabled: bool = Field(True, description="softmax-weight the tasks per tensor; false = plain mean")
     tau: float = Field(1.0, gt=0, description="softmax temperature")
-    direction: Literal["source_descent", "paper_literal"] = "source_descent"
+    direction: Literal["source_descent", "paper_literal"] = Field(
+        "source_descent", description="similarity of the target gradient with theta - phi (source_descent) or phi - theta (paper_literal)"
+    )
 
 
 class RayConfig(_Section):
+    """Ray workers (`metarec train --ray`, `--ray-train`)."""
+
     mode: Literal["driver", "collective"] = Field(
         "driver", description="MetaRec on Ray: the driver combines the gradients (driver), or the workers all-reduce them (collective)"
     )
-    num_workers: int = Field(2, ge=1, le=100_000)
-    gpus_per_worker: float = Field(0.0, ge=0)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    max_task_retries: int = Field(3, ge=0)
+    num_workers: int = Field(2, ge=1, le=100_000, description="SourceTaskWorker actors (driver) or Ray Train workers (collective, --ray-train)")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each worker reserves")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves (and its torch threads)")
+    max_task_retries: int = Field(3, ge=0, description="re-runs of a task lost with its worker (Ray Train: restarts of the group) before the run stops")
 
 
 class Config(_Section):
+    """A run: its name, seed and one section per concern."""
+
     name: str = Field("metarec", pattern=NAME_PATTERN, description="run name (default run directory runs/NAME)")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of every RNG of the run (numpy needs 0..2^32-1)")
     data: DataConfig

@@ -17,7 +17,7 @@ from metarec import fs
 from metarec.compare import compare_runs, format_comparison
 from metarec.config import config_from_dict
 from metarec.data.synthetic import generate_domains
-from metarec.train import train
+from metarec.launch import run
 
 SOURCES = ["synthetic-source-a", "synthetic-source-b"]
 METHODS = ("target_only", "metarec")
@@ -49,7 +49,7 @@ def run_demo(out_dir: str, quick: bool = False, seed: int = 0, progress: bool = 
         raw = demo_config(root, method, quick, seed)
         raw["train"]["progress"] = progress
         cfg = config_from_dict(raw, "demo config")
-        metrics = train(cfg, f"{out_dir}/{method}")
+        metrics = run(cfg, f"{out_dir}/{method}", "local", refuse_existing=False)
         table[method] = metrics["test"]
         _plot(f"{out_dir}/{method}")
     table["comparison"] = compare_runs(f"{out_dir}/target_only", f"{out_dir}/metarec", seed=seed)

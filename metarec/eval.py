@@ -96,8 +96,14 @@ def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.
     return 1 + ((scores >= target_score) & candidate).sum(dim=1)
 
 
+def ndcg_per_user(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """NDCG@k of each user, [rank <= k] / log2(rank + 1), from 1-based ranks (one relevant
+    item per user; docs/design.md §5)."""
+    return torch.where(ranks <= k, 1.0 / torch.log2(ranks + 1), 0.0)
+
+
 def metrics_from_ranks(ranks: torch.Tensor | np.ndarray | Sequence[int], ks: Sequence[int] = METRIC_KS) -> dict[str, float]:
-    """Means over users of NDCG@k = [rank <= k] / log2(rank + 1), Recall@k = [rank <= k]
+    """Means over users of NDCG@k (`ndcg_per_user`), Recall@k = [rank <= k]
     (one relevant item per user), and MRR = 1 / rank over the full ranking."""
     ranks = torch.as_tensor(ranks, dtype=torch.float64)
     if ranks.numel() == 0:
@@ -106,7 +112,7 @@ def metrics_from_ranks(ranks: torch.Tensor | np.ndarray | Sequence[int], ks: Seq
         raise ValueError("evaluation: ranks are 1-based")
     metrics: dict[str, float] = {}
     for k in ks:
-        metrics[f"NDCG@{k}"] = float(torch.where(ranks <= k, 1.0 / torch.log2(ranks + 1), 0.0).mean())
+        metrics[f"NDCG@{k}"] = float(ndcg_per_user(ranks, k).mean())
     for k in ks:
         metrics[f"Recall@{k}"] = float((ranks <= k).double().mean())
     metrics["MRR"] = float((1.0 / ranks).mean())

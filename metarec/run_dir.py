@@ -69,7 +69,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 # Keys that runs written before they were removed from the config still hold in their
 # config.yaml; dropped on reading when they hold their old default (fault injection is
-# the test-only METAREC_TEST_FAIL_TASK_ONCE now: metarec.runners.ray_runner).
+# the test-only METAREC_TEST_FAIL_TASK_ONCE now: metarec.ray.driver).
 _RETIRED_KEYS = {("ray", "fail_task_once"): [], ("ray", "fail_iteration"): None}
 
 # Keys a resume may change. They steer how long and how observably the run goes on, or

@@ -1,7 +1,7 @@
 """A rough run-time projection on CPU, to warn before a run that would take hours.
 
 Seconds per step are modelled from measurements on a 2-core x86_64 CPU (benchmarks/
-results/transfer.md: LRURec 64x2 on amazon-video-games): a target batch of 128 windows
+results/transfer/transfer.md: LRURec 64x2 on amazon-video-games): a target batch of 128 windows
 of 50 items costs about 0.5 s, and each MetaRec/joint source task about 0.67 s per
 64 x 20 source window-items (second order included), both linear in batch x window.
 That puts the reference metarec_video.yaml near the 10 s per step seen on such a

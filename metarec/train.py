@@ -11,7 +11,7 @@ parameters.
 
 The trainer takes a `Problem` (data + model + device, `metarec.problem`), a run
 directory (`metarec.run_dir.RunDir`, which owns every file it writes) and, for MetaRec,
-a runner (`LocalRunner` by default, or `RayRunner`). `train()` opens the run
+a runner (`LocalRunner` by default, or `RayRunner`). `metarec.launch` opens the run
 directory (lock, start/resume checks) and builds all three from a config.
 """
 
@@ -35,7 +35,7 @@ from metarec.meta.tasks import TaskSampler
 from metarec.objective import domain_loss
 from metarec.optimizer import clip_check_step, make_optimizer
 from metarec.problem import Problem, build_problem, target_metrics
-from metarec.run_dir import RunDir, open_run
+from metarec.run_dir import RunDir
 from metarec.runners.local import LocalRunner
 
 
@@ -151,7 +151,7 @@ class Trainer:
         params = dict(self.model.named_parameters())
         return apply_meta_update(params, self.optimizer, results, self.cfg, step, reduce=getattr(self.runner, "reduce", None))
 
-    # Data-parallel hooks (metarec.ray_train overrides them; here: one process, all data)
+    # Data-parallel hooks (metarec.ray.ray_train overrides them; here: one process, all data)
 
     def _data_shard(self, rows: np.ndarray) -> np.ndarray:
         """This process's share of a batch's rows."""
@@ -289,8 +289,9 @@ def _weights_over_time(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def train(cfg: Config, out_dir: str, *, resume: bool = False, runner_factory=None, on_eval=None,
           refuse_existing: bool = False) -> dict[str, Any]:
-    """Train per `cfg` into `out_dir` (locked, checked first: `metarec.run_dir.open_run`); returns
-    the final metrics the run directory records. `refuse_existing`: refuse a directory
-    holding a started run."""
-    with open_run(out_dir, cfg, resume=resume, refuse_existing=refuse_existing):
-        return Trainer.from_config(cfg, out_dir, runner_factory, on_eval).fit(resume=resume)
+    """Train per `cfg` into `out_dir` in this process (`metarec.launch.fit_in_run_dir`, which
+    opens the run directory); returns the final metrics the run directory records.
+    `refuse_existing`: refuse a directory holding a started run."""
+    from metarec.launch import fit_in_run_dir
+
+    return fit_in_run_dir(cfg, out_dir, resume=resume, refuse_existing=refuse_existing, runner_factory=runner_factory, on_eval=on_eval)

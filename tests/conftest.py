@@ -21,9 +21,10 @@ def tiny_domains_module(tmp_path_factory) -> str:
     return make_tiny_domains(tmp_path_factory.mktemp("prepared"))
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread_module():
-    """Torch on one thread for a test module (tiny tensors; like each 1-CPU Ray worker)."""
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Torch on one thread in every test: tiny tensors run fastest so (above all on a busy
+    machine), like each 1-CPU Ray worker; the bit-identical digests are defined on one thread."""
     import torch
 
     threads = torch.get_num_threads()
@@ -98,7 +99,7 @@ def private_ray(tmp_path_factory):
     test module, started by `connect(None)` and shut down after the module."""
     import ray
 
-    from metarec.runners.ray_runner import connect
+    from metarec.ray.session import connect
 
     home = tmp_path_factory.mktemp("home")
     with pytest.MonkeyPatch.context() as mp:
@@ -113,8 +114,6 @@ def private_ray(tmp_path_factory):
             yield home
         finally:
             ray.shutdown()
-    from ray._raylet import AuthenticationTokenLoader
-    from ray._raylet import Config as RayletConfig
+    from metarec.ray.private import reset_token_cache
 
-    RayletConfig.initialize("")  # forget the token mode of this module's instance
-    AuthenticationTokenLoader.instance().reset_cache()
+    reset_token_cache()  # forget the token mode of this module's instance

@@ -8,8 +8,6 @@ independent of the backbones), on tiny synthetic sequences cut by `TrainWindows`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from unittest import mock
 
 import numpy as np
@@ -23,17 +21,6 @@ from metarec.models.recommender import Recommender
 from metarec.problem import Problem
 from metarec.runners.local import LocalRunner
 from metarec.train import Trainer
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Tiny tensors run fastest on one thread, especially on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class ToyEncoder(nn.Module):

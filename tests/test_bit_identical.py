@@ -72,12 +72,7 @@ def _without_timing(value):
 
 def run_outputs(root: str, out: Path, method: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(final step checkpoint tensors, {history, metrics, files}) of one fixed-seed run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(_config(root, method), str(out))
-    finally:
-        torch.set_num_threads(threads)
+    train(_config(root, method), str(out))  # on one torch thread (tests/conftest.py)
     step_dir = out / "checkpoints" / f"step-{STEPS:08d}"
     tensors = st_load((step_dir / "tensors.safetensors").read_bytes())
     record = {

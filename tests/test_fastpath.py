@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from meta_toy import one_torch_thread, toy_config, toy_sampler, toy_setup
+from meta_toy import toy_config, toy_sampler, toy_setup
 from metarec import fastpath
 from metarec.config import ModelConfig, config_from_dict
 from metarec.eval import evaluate, rank_of_targets
@@ -124,23 +124,22 @@ def test_domain_loss_fast_equals_reference(domain, negatives):
 @pytest.mark.parametrize("first_order", [False, True])
 def test_meta_gradients_fast_equal_reference(first_order):
     cfg = toy_config(meta={"first_order": first_order})
-    with one_torch_thread():
-        model, ctx = toy_setup(cfg, backbone=True)
-        params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        for spec in toy_sampler(ctx).sample(0):
-            fast = run_task(params, spec, ctx)
-            with fastpath.reference_paths():
-                ref = run_task(params, spec, ctx)
-            assert fast.touched == ref.touched
-            assert fast.meta_grad.keys() == ref.meta_grad.keys()
-            for name in ref.meta_grad:
-                _close(fast.meta_grad[name], ref.meta_grad[name])
-            for name in ref.source_delta:
-                _close(fast.source_delta[name], ref.source_delta[name])
-            for key in ("source_loss", "vq_loss", "target_loss"):
-                assert fast.stats[key] == pytest.approx(ref.stats[key], abs=TOL, rel=TOL)
-            for name in ref.sims:
-                assert fast.sims[name] == pytest.approx(ref.sims[name], abs=1e-4)
+    model, ctx = toy_setup(cfg, backbone=True)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for spec in toy_sampler(ctx).sample(0):
+        fast = run_task(params, spec, ctx)
+        with fastpath.reference_paths():
+            ref = run_task(params, spec, ctx)
+        assert fast.touched == ref.touched
+        assert fast.meta_grad.keys() == ref.meta_grad.keys()
+        for name in ref.meta_grad:
+            _close(fast.meta_grad[name], ref.meta_grad[name])
+        for name in ref.source_delta:
+            _close(fast.source_delta[name], ref.source_delta[name])
+        for key in ("source_loss", "vq_loss", "target_loss"):
+            assert fast.stats[key] == pytest.approx(ref.stats[key], abs=TOL, rel=TOL)
+        for name in ref.sims:
+            assert fast.sims[name] == pytest.approx(ref.sims[name], abs=1e-4)
 
 
 def _train_config(root: str, method: str) -> dict:
@@ -167,10 +166,9 @@ def _steps(root: str, out: str, method: str, reference: bool, steps: int = 2):
 
 @pytest.mark.parametrize("method", ["target_only", "joint", "metarec"])
 def test_train_steps_fast_equal_reference_and_are_deterministic(tiny_domains, tmp_path, method):
-    with one_torch_thread():
-        fast, p_fast = _steps(tiny_domains, str(tmp_path / "fast"), method, reference=False)
-        again, p_again = _steps(tiny_domains, str(tmp_path / "again"), method, reference=False)
-        ref, p_ref = _steps(tiny_domains, str(tmp_path / "ref"), method, reference=True)
+    fast, p_fast = _steps(tiny_domains, str(tmp_path / "fast"), method, reference=False)
+    again, p_again = _steps(tiny_domains, str(tmp_path / "again"), method, reference=False)
+    ref, p_ref = _steps(tiny_domains, str(tmp_path / "ref"), method, reference=True)
     timeless = lambda infos: [{k: v for k, v in i.items() if k != "task_seconds"} for i in infos]  # noqa: E731
     assert timeless(fast) == timeless(again)  # fixed seed: bit-identical on CPU
     assert all(torch.equal(p_fast[n], p_again[n]) for n in p_fast)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from meta_toy import one_torch_thread, toy_config, toy_sampler, toy_setup
+from meta_toy import toy_config, toy_sampler, toy_setup
 
 from metarec.meta import (
     TaskSpec,
@@ -19,12 +19,6 @@ from metarec.meta import (
     tensor_similarities,
 )
 from metarec.objective import domain_loss
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_torch_thread():
-        yield
 
 
 # ------------------------------------------------------------------ meta gradient

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from meta_toy import meta_train, one_torch_thread, toy_config, toy_problem, toy_sampler, toy_setup
+from meta_toy import meta_train, toy_config, toy_problem, toy_sampler, toy_setup
 
 from metarec.errors import CheckpointError, NonFiniteError
 from metarec.meta import (
@@ -23,12 +23,6 @@ from metarec.meta import (
 from metarec.objective import domain_loss
 from metarec.runners.local import LocalRunner
 from metarec.train import Trainer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_torch_thread():
-        yield
 
 
 # ------------------------------------------------------------------ task sampling
@@ -317,10 +311,16 @@ def test_source_grad_adds_the_rescale_weighted_source_gradient_to_the_outer_grad
         g = grad[name].clone() if name in grad else None
         if not name.startswith(SOURCE_TABLES):
             for pos, r in enumerate(results):
-                if name in r.source_delta and name in r.meta_grad:
-                    g = g - mu * weights[name][pos] / alpha * r.source_delta[name]
+                if name in r.source_grad and name in r.meta_grad:
+                    g = g + mu * weights[name][pos] * r.source_grad[name]
                     added.add(name)
         expected = before[name] - 0.3 * g if g is not None else before[name]
         assert torch.allclose(p, expected, atol=1e-6), name
     assert "encoder.mix.weight" in added and "items.t" in added  # the encoder and the VQ codebook get the source term
     assert not added & set(SOURCE_TABLES)  # never a source's own table
+    # each task sends its source gradient (θ − φ_i) / α: the outer step needs no α
+    *_, with_deltas, _, _ = _one_outer_step({"source_grad": mu, "inner_lr": alpha, "persist_shared": 0.5})
+    for r in with_deltas:
+        assert set(r.source_grad) == set(r.source_delta) - set(SOURCE_TABLES)
+        for name, source_grad in r.source_grad.items():
+            torch.testing.assert_close(source_grad, -r.source_delta[name] / alpha)

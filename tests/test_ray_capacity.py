@@ -1,4 +1,4 @@
-"""`metarec train --ray` checks up front that Ray can place the workers (metarec.runners.capacity).
+"""`metarec train --ray` checks up front that Ray can place the workers (metarec.ray.capacity).
 
 The CLI end of it, against a real Ray instance, is in test_ray_runner.py
 (`test_cli_train_ray_*`)."""
@@ -9,7 +9,7 @@ import pytest
 
 from metarec.config import RayConfig
 from metarec.errors import ConfigError
-from metarec.runners.capacity import plan_workers, workers_that_fit
+from metarec.ray.capacity import plan_workers, workers_that_fit
 
 
 def test_workers_that_fit_counts_cpus_and_gpus():
@@ -53,7 +53,7 @@ def test_an_autoscaling_cluster_counts_what_its_autoscaler_may_add(monkeypatch):
     import ray
     from ray._private.state import state
 
-    from metarec.runners.capacity import cluster_capacity
+    from metarec.ray.capacity import cluster_capacity
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "memory": 1e9})
     monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: {"CPU": 36.0, "GPU": 8})

@@ -29,7 +29,7 @@ RAY = str(BIN / "ray")
 JOB_TIMEOUT_S = 180
 MAX_STEPS = 4
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def free_ports(n: int) -> list[int]:

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+pytestmark = [pytest.mark.ray, pytest.mark.slow,
+              pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")]
 
 
 def _stat(pid: str) -> list[str] | None:

@@ -17,25 +17,11 @@ import torch
 from metarec.config import config_from_dict
 from metarec.data.synthetic import generate_domains
 from metarec.errors import DataError, NonFiniteError
-from metarec.runners.ray_runner import (
-    FAIL_TASK_ONCE_ENV,
-    RayRunner,
-    WorkerFailedError,
-    enable_local_token_auth,
-    worker_config,
-)
+from metarec.ray.driver import FAIL_TASK_ONCE_ENV, RayRunner, WorkerFailedError
+from metarec.ray.session import enable_local_token_auth, worker_config
 from metarec.train import Trainer
 
 ITERATIONS = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_driver_thread():
-    """The driver (local runner, outer update) on one thread, like each 1-CPU worker."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +86,7 @@ def reference(root) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     return initial, meta_train(cfg)[0]
 
 
+@pytest.mark.ray
 def test_local_instance_keeps_token_auth_on_without_touching_home(ray_home):
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
@@ -116,6 +103,7 @@ def test_disabled_auth_mode_is_respected(monkeypatch):
     assert os.environ["RAY_AUTH_MODE"] == "disabled" and "RAY_AUTH_TOKEN" not in os.environ
 
 
+@pytest.mark.ray
 def test_ray_runner_matches_local_runner(ray_home, root, reference):
     initial, want = reference
     got, trainer = meta_train(tiny_config(root), ray_factory)
@@ -128,6 +116,8 @@ def test_ray_runner_matches_local_runner(ray_home, root, reference):
     assert runner.worker_replacements == 0
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_injected_worker_deaths_change_no_result(ray_home, root, reference, monkeypatch):
     monkeypatch.setenv(FAIL_TASK_ONCE_ENV, "1:1")
     got, trainer = meta_train(tiny_config(root), ray_factory)
@@ -135,6 +125,8 @@ def test_injected_worker_deaths_change_no_result(ray_home, root, reference, monk
     assert_same_params(got, reference[1])
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_killed_workers_change_no_result(ray_home, root, reference, monkeypatch):
     """ray.kill of a live worker while tasks are in flight (iteration 0) and between iterations (before 2)."""
     real_wait = ray.wait
@@ -158,6 +150,7 @@ def test_killed_workers_change_no_result(ray_home, root, reference, monkeypatch)
     assert_same_params(got, reference[1])
 
 
+@pytest.mark.ray
 def test_a_task_that_keeps_failing_stops_the_run(ray_home, root, reference, monkeypatch):
     monkeypatch.setattr(RayRunner, "_should_die", lambda self, spec: spec.index == 0)
     runner = RayRunner(tiny_config(root, max_task_retries=1, num_workers=1))
@@ -170,6 +163,7 @@ def test_a_task_that_keeps_failing_stops_the_run(ray_home, root, reference, monk
     assert runner.worker_replacements == 1  # after the first death; the second one stops the run (no third attempt)
 
 
+@pytest.mark.ray
 def test_a_task_past_its_timeout_counts_as_failed(ray_home, root, reference):
     runner = RayRunner(tiny_config(root, max_task_retries=0, num_workers=1), task_timeout_s=0.01)
     specs = Trainer.from_config(tiny_config(root), "unused").sampler.sample(0)
@@ -180,6 +174,7 @@ def test_a_task_past_its_timeout_counts_as_failed(ray_home, root, reference):
         runner.close()
 
 
+@pytest.mark.ray
 def test_task_errors_surface_as_the_original_error(ray_home, root, reference):
     runner = RayRunner(tiny_config(root, num_workers=1))
     specs = Trainer.from_config(tiny_config(root), "unused").sampler.sample(0)
@@ -192,6 +187,7 @@ def test_task_errors_surface_as_the_original_error(ray_home, root, reference):
         runner.close()
 
 
+@pytest.mark.ray
 def test_workers_that_cannot_load_their_data_fail_with_the_data_error(ray_home, tmp_path):
     cfg = tiny_config(str(tmp_path / "no-such-root"), num_workers=1)
     with pytest.raises(DataError, match="no-such-root"):
@@ -205,6 +201,8 @@ def test_worker_config_makes_a_local_data_root_absolute(root, monkeypatch):
     assert worker_config(tiny_config("s3://bucket/prepared"))["data"]["root"] == "s3://bucket/prepared"
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_replaced_worker_is_logged_and_counted_in_history(ray_home, root, tmp_path, capfd, monkeypatch):
     monkeypatch.setenv(FAIL_TASK_ONCE_ENV, "1:1")
     cfg = tiny_config(root)
@@ -233,6 +231,7 @@ def _cli_config(tmp_path, root: str, **ray_options) -> str:
     return str(path)
 
 
+@pytest.mark.ray
 def test_cli_train_ray_local_lowers_num_workers_to_what_fits(ray_home, root, tmp_path):
     from click.testing import CliRunner
 
@@ -248,6 +247,7 @@ def test_cli_train_ray_local_lowers_num_workers_to_what_fits(ray_home, root, tmp
     assert yaml.safe_load((out / "config.yaml").read_text())["ray"]["num_workers"] == 2  # what the run used
 
 
+@pytest.mark.ray
 def test_cli_train_ray_cluster_too_small_fails_at_once(ray_home, root, tmp_path):
     """--ray-address: the request is the user's; a cluster that cannot place it is an error
     before any data is loaded (the runner would otherwise wait 600 s)."""

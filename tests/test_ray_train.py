@@ -17,7 +17,6 @@ from metarec.train import train
 
 STEPS = 4
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread_module")  # tiny tensors on one thread
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +45,10 @@ def metrics_of(out: str) -> dict:
         return json.load(f)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_one_worker_equals_the_local_run(private_ray, root, tmp_path):
-    from metarec.ray_train import fit_with_ray_train
+    from metarec.ray.ray_train import fit_with_ray_train
 
     cfg = config_from_dict(baseline_config(root, num_workers=1))
     assert cfg.method == "target_only"
@@ -61,10 +62,12 @@ def test_one_worker_equals_the_local_run(private_ray, root, tmp_path):
     assert ray_train["test"] == local["test"] and ray_train["best_step"] == local["best_step"]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_killed_worker_is_restored_from_the_last_checkpoint(private_ray, root, tmp_path, monkeypatch):
     """Joint training on 2 data-parallel workers; worker 1 dies in step 3 (index 2), after
     the step-2 checkpoint: Ray Train restarts the group from it and the run finishes."""
-    from metarec.ray_train import KILL_ENV, fit_with_ray_train, kill_marker
+    from metarec.ray.ray_train import KILL_ENV, fit_with_ray_train, kill_marker
 
     monkeypatch.setenv(KILL_ENV, "2:1")
     scratch_parent = tmp_path / "tmp"
@@ -100,6 +103,7 @@ def test_workers_zero_is_one_line_exit_2(root, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.ray
 def test_more_workers_than_ray_can_place_is_one_line_exit_2(private_ray, root, tmp_path):
     import ray
 
@@ -113,6 +117,8 @@ def test_more_workers_than_ray_can_place_is_one_line_exit_2(private_ray, root, t
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_collective_cli_run_listens_on_loopback_only_and_leaves_no_process(root, tmp_path):
     """`metarec train --ray --set ray.mode=collective` in its own process: once worker 0 has
     written a step checkpoint (the gloo group is up), every listening socket of the run's

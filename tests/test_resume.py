@@ -23,15 +23,6 @@ from metarec.train import train
 MAX_STEPS = 12
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors train fastest on one thread, especially on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_config(path: Path, root: str, **train_options) -> Path:
     path.write_text(yaml.safe_dump({
         "name": "resume",
@@ -74,6 +65,7 @@ def assert_same_run(got: Path, want: Path) -> None:
     assert [[r["step"], r.get("val")] for r in map(json.loads, (got / "history.jsonl").read_text().splitlines())] == val_curve
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(tiny_domains, tmp_path):
     config = write_config(tmp_path / "tiny.yaml", tiny_domains)
     ckpt_every = ["--set", "train.checkpoint_every=2"]
@@ -99,7 +91,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tiny_domains, tmp_pat
     assert_same_run(killed, whole)
 
 
-def test_torn_checkpoints_are_skipped_with_a_warning(tiny_domains, tmp_path, capsys, one_thread):
+def test_torn_checkpoints_are_skipped_with_a_warning(tiny_domains, tmp_path, capsys):
     cfg = load_config(write_config(tmp_path / "tiny.yaml", tiny_domains, checkpoint_every=4, keep_checkpoints=3))
     whole, torn = tmp_path / "whole", tmp_path / "torn"
     train(cfg, str(whole))

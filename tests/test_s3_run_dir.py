@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from metarec import fs
@@ -27,6 +28,7 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
     return out, err
 
 
+@pytest.mark.slow
 def test_train_resume_and_evaluate_on_s3(moto_s3, tiny_domains, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({

@@ -80,12 +80,12 @@ def _report(row: dict[str, Any], trainer, *, run_dir: str, metric: str) -> None:
 
 def metarec_trial(config: dict[str, Any], *, space: SearchSpace, experiment_uri: str) -> None:
     """Tune function trainable: train the trial's config; continue from Tune's checkpoint if restored."""
-    import torch
     from ray import tune as ray_tune
 
-    from metarec.train import train
+    from metarec import launch
+    from metarec.ray.session import set_worker_threads
 
-    torch.set_num_threads(max(1, int(space.trial_resources["CPU"])))
+    set_worker_threads(space.trial_resources["CPU"])
     trial_id = ray_tune.get_context().get_trial_id()
     run_dir = trial_run_dir(experiment_uri, trial_id)
     evals = space.base_config.train.eval_every
@@ -101,16 +101,15 @@ def metarec_trial(config: dict[str, Any], *, space: SearchSpace, experiment_uri:
     if checkpoint is not None:
         with checkpoint.as_directory() as local:
             _copy_tree(local, ckpt_root)
-    runner_factory = None
-    if space.runner == "ray":
-        from metarec.runners.ray_runner import ray_runner_factory
-
-        runner_factory = ray_runner_factory(address=None)  # Ray is up in the trial; workers join its placement group
-    train(
+    # runner: ray = the driver runner; Ray is up in the trial and its workers join the
+    # trial's placement group, which already holds their resources
+    launch.run(
         cfg,
         run_dir,
+        "driver" if space.runner == "ray" else "local",
         resume=checkpoint is not None,
-        runner_factory=runner_factory,
+        refuse_existing=False,
+        check_capacity=False,
         on_eval=lambda row, trainer: _report(row, trainer, run_dir=run_dir, metric=space.metric),
     )
 
@@ -330,7 +329,7 @@ def run_sweep(
     """
     from ray import tune as ray_tune
 
-    from metarec.runners.ray_runner import connect
+    from metarec.ray.session import connect
 
     space = load_space(space_path, overrides)
     if num_samples is not None and num_samples < 1:

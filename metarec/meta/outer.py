@@ -29,7 +29,7 @@ def inner_changes(results: list[TaskResult], weights: dict[str, dict[int, float]
     so the similarity weights also decide how much of each source's own step θ keeps.
     A linear sum over the tasks that carry a `source_delta`: given all results with
     their deltas it is the whole change; the collective runner sums the partial
-    changes of its workers (metarec.runners.collective).
+    changes of its workers (metarec.ray.collective).
     """
     tasks_of: dict[str, int] = defaultdict(int)
     for r in results:
@@ -57,23 +57,23 @@ def inner_changes(results: list[TaskResult], weights: dict[str, dict[int, float]
 def source_gradient(results: list[TaskResult], weights: dict[str, dict[int, float]], cfg: Config) -> dict[str, torch.Tensor]:
     """μ Σ_i w_i^p (θ^p − φ_i^p) / α for the shared tensors (docs/design.md Eq. (8b)).
 
-    (θ − φ_i) / α is the sum of task i's inner-loop source gradients (one step: ∇_θ of
-    its source loss at θ). Added to Eq. (8)'s G^p before the optimizer step, so, unlike
-    `meta.persist_shared`'s direct move, it is scaled by the optimizer (AdamW) like the
-    joint-training gradient, with the rescaling weights deciding how much each source
-    contributes. μ = `meta.source_grad`; 0 = the paper's update. Only where task i also
-    has a meta gradient for p, so the tensors with a gradient are the same as without
-    it (and on the collective runner, which sums the workers' parts of this linear sum).
+    Each task sends its source gradient (θ − φ_i) / α (`TaskResult.source_grad`, the sum
+    of its inner-loop source gradients). Added to Eq. (8)'s G^p before the optimizer
+    step, so, unlike `meta.persist_shared`'s direct move, it is scaled by the optimizer
+    (AdamW) like the joint-training gradient, with the rescaling weights deciding how
+    much each source contributes. μ = `meta.source_grad`; 0 = the paper's update. Only
+    where task i also has a meta gradient for p, so the tensors with a gradient are the
+    same as without it (and on the collective runner, which sums the workers' parts of
+    this linear sum).
     """
-    mu, alpha = cfg.meta.source_grad, cfg.meta.inner_lr
+    mu = cfg.meta.source_grad
     terms: dict[str, torch.Tensor] = {}
     if mu <= 0:
         return terms
     for pos, r in enumerate(results):
-        own = set(source_only_names(r.source))
-        for name, delta in r.source_delta.items():
-            if name not in own and name in r.meta_grad and pos in weights.get(name, {}):
-                part = delta * (-mu * weights[name][pos] / alpha)
+        for name, source_grad in r.source_grad.items():
+            if name in r.meta_grad and pos in weights.get(name, {}):
+                part = source_grad * (mu * weights[name][pos])
                 terms[name] = part if name not in terms else terms[name] + part
     return terms
 

@@ -55,8 +55,11 @@ class TaskResult:
     sims: cos(g_i^p, u_i^p) for the touched tensors; touched: tensors where g_i^p or
     u_i^p is nonzero. source_delta: φ_i − θ of the source-only tensors
     (`items.<source>`, `bias.<source>`), and of the shared tensors the inner loop moved
-    when `meta.persist_shared` > 0. stats: source_loss (recommendation loss at θ),
-    vq_loss (at θ), target_loss (at φ_i), seconds.
+    when `meta.persist_shared` > 0. source_grad: the task's source gradient
+    (θ − φ_i) / α = the sum of its inner-loop gradients (one step: ∇_θ of the source loss
+    at θ) for the shared tensors the inner loop moved, when `meta.source_grad` > 0
+    (docs/design.md Eq. (8b)). stats: source_loss (recommendation loss at θ), vq_loss
+    (at θ), target_loss (at φ_i), seconds.
     """
 
     index: int
@@ -66,6 +69,7 @@ class TaskResult:
     touched: set[str]
     source_delta: dict[str, torch.Tensor]
     stats: dict[str, float] = field(default_factory=dict)
+    source_grad: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def source_loss_options(cfg: Config) -> dict[str, Any]:
@@ -85,14 +89,25 @@ def source_only_names(source: str) -> tuple[str, str]:
     return f"items.{source}", f"bias.{source}"
 
 
+def _moved_shared(source: str, theta: dict, phi: dict) -> list[str]:
+    """The shared tensors (not the source's own tables) the inner loop moved."""
+    own = source_only_names(source)
+    return sorted(n for n in theta if n not in own and phi[n] is not theta[n])
+
+
 def _kept_inner_changes(source: str, theta: dict, phi: dict, cfg: Config) -> list[str]:
-    """Tensors whose inner-loop change φ − θ the outer step may use: the source's own
-    tables, plus every shared tensor the inner loop moved when `meta.persist_shared` or
-    `meta.source_grad` > 0."""
+    """Tensors whose inner-loop change φ − θ the outer step may keep: the source's own
+    tables, plus every shared tensor the inner loop moved when `meta.persist_shared` > 0."""
     own = list(source_only_names(source))
-    if cfg.meta.persist_shared <= 0 and cfg.meta.source_grad <= 0:
-        return own
-    return own + sorted(n for n in theta if n not in own and phi[n] is not theta[n])
+    return own + (_moved_shared(source, theta, phi) if cfg.meta.persist_shared > 0 else [])
+
+
+def _source_gradient(source: str, theta: dict, phi: dict, cfg: Config) -> dict[str, torch.Tensor]:
+    """(θ − φ) / α of the moved shared tensors when `meta.source_grad` > 0 (docs/design.md
+    Eq. (8b)): the inner loop's source gradients, so that the outer step need not know α."""
+    if cfg.meta.source_grad <= 0:
+        return {}
+    return {n: ((theta[n] - phi[n]) / cfg.meta.inner_lr).detach().cpu() for n in _moved_shared(source, theta, phi)}
 
 
 def _describe(task: TaskSpec) -> str:
@@ -175,6 +190,7 @@ def run_task(params: dict[str, torch.Tensor], task: TaskSpec, ctx: TaskContext) 
         sims=sims,
         touched=touched,
         source_delta={n: (phi[n] - theta[n]).detach().cpu() for n in _kept_inner_changes(task.source, theta, phi, cfg)},
+        source_grad=_source_gradient(task.source, theta, phi, cfg),
         stats={
             "source_loss": first_rec,
             "vq_loss": first_vq,

@@ -1,4 +1,4 @@
-"""Ray runner: source-task inner loops in `SourceTaskWorker` actors (docs/design.md §6).
+"""The driver runner: source-task inner loops in `SourceTaskWorker` actors (docs/design.md §6).
 
 Same interface as `LocalRunner` (`run_tasks(params, specs) -> list[TaskResult]`
 sorted by task index, `close()`), and each worker calls the very same `run_task`, so
@@ -24,25 +24,12 @@ in the driver's environment makes the workers that run those tasks of that itera
 mid-task, once each (`os._exit`), as on a lost node. It is not a config key: a user's
 config cannot turn it on, and a run's `config.yaml` never records it.
 
-Token authentication (Ray ≥ 2.5x). `connect(None)` (`metarec train --ray`) starts a
-private local instance bound to 127.0.0.1 and keeps token auth on: unless
-`RAY_AUTH_MODE` is set to something else than `token`, it sets `RAY_AUTH_MODE=token`
-and, if neither `RAY_AUTH_TOKEN` nor `RAY_AUTH_TOKEN_PATH` is set, a fresh random
-`RAY_AUTH_TOKEN` for this process and the Ray processes it starts. (Left to itself,
-`ray.init()` would also turn token auth on, but would write a token to
-`~/.ray/auth_token` if none exists there.) `RAY_AUTH_MODE=disabled` is respected.
-`connect(address)` joins a running cluster: the token then comes from the cluster's
-usual sources (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`, `~/.ray/auth_token`); with
-`auto`, Ray turns token mode on when such a token exists; with an explicit address,
-set `RAY_AUTH_MODE=token`. Jobs submitted with `ray job submit` inherit both from
-the cluster.
+Joining Ray (token authentication, the loopback-only local instance): metarec.ray.session.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import sys
 import time
 from collections import deque
@@ -51,11 +38,12 @@ from typing import Any
 import ray
 import torch
 
-from metarec.config import Config, absolute_data_root, config_from_dict
-from metarec.errors import ConfigError, MetaRecError
+from metarec.config import Config, config_from_dict
+from metarec.errors import MetaRecError
 from metarec.meta.run_task import TaskResult, run_task
 from metarec.meta.tasks import TaskSpec
 from metarec.problem import build_problem, resolve_device
+from metarec.ray.session import connect, error_line, fault_request, set_worker_threads, user_error, worker_config
 
 
 FAIL_TASK_ONCE_ENV = "METAREC_TEST_FAIL_TASK_ONCE"
@@ -76,7 +64,7 @@ class SourceTaskWorker:
         self.init_error: MetaRecError | None = None
         try:
             cfg = config_from_dict(cfg_json, "driver config")
-            torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+            set_worker_threads(cfg.ray.cpus_per_worker)
             self.ctx = build_problem(cfg, resolve_device(cfg.train.device)).task_context()
         except MetaRecError as err:
             self.init_error = err
@@ -141,11 +129,11 @@ class RayRunner:
             ) from None
         except ray.exceptions.RayTaskError as err:
             self.close()
-            _reraise_user_error(err)
+            _raise_user_error(err)
             raise
         except ray.exceptions.RayActorError as err:
             self.close()
-            raise WorkerFailedError(f"a Ray worker died while starting: {_first_line(err)}") from None
+            raise WorkerFailedError(f"a Ray worker died while starting: {error_line(err)}") from None
 
     def _replace(self, slot: int, spec: TaskSpec, why: str) -> None:
         """Kill the worker in `slot` (if it still lives) and start a fresh one there; say so in one line."""
@@ -193,14 +181,14 @@ class RayRunner:
             try:
                 result = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as err:
-                why = f"{type(err).__name__}: {_first_line(err)}"
+                why = error_line(err)
                 self._retry(spec, attempts, why)
                 self._replace(slot, spec, why)
                 pending.appendleft(spec)  # re-run from its spec: same seed, same result
                 free.append(slot)
                 continue
             except ray.exceptions.RayTaskError as err:
-                _reraise_user_error(err)
+                _raise_user_error(err)
                 raise
             free.append(slot)
             results[spec.index] = result
@@ -225,20 +213,11 @@ class RayRunner:
 
 def injected_faults() -> frozenset[tuple[int, int]]:
     """(iteration, task index) pairs of `METAREC_TEST_FAIL_TASK_ONCE` (module docstring); empty if unset."""
-    text = os.environ.get(FAIL_TASK_ONCE_ENV, "").strip()
-    if not text:
+    request = fault_request(FAIL_TASK_ONCE_ENV, "ITERATION:INDEX[,INDEX...], e.g. 1:0,2")
+    if request is None:
         return frozenset()
-    try:
-        iteration, indices = text.split(":", 1)
-        return frozenset((int(iteration), int(i)) for i in indices.split(",") if i.strip())
-    except ValueError:
-        raise ConfigError(f"{FAIL_TASK_ONCE_ENV}={text!r}: expected ITERATION:INDEX[,INDEX...], e.g. 1:0,2") from None
-
-
-def worker_config(cfg: Config) -> dict[str, Any]:
-    """The config the workers build their problem from: a local `data.root` made absolute,
-    so workers whose working directory differs find the data."""
-    return absolute_data_root(cfg.to_dict())
+    iteration, indices = request
+    return frozenset((iteration, i) for i in indices)
 
 
 def tensor_bytes(tensors) -> int:
@@ -247,17 +226,14 @@ def tensor_bytes(tensors) -> int:
 
 def result_bytes(result: TaskResult) -> int:
     """Bytes of the tensors a task sends back (meta gradients and source deltas)."""
-    return tensor_bytes(list(result.meta_grad.values()) + list(result.source_delta.values()))
+    return tensor_bytes([*result.meta_grad.values(), *result.source_delta.values(), *result.source_grad.values()])
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-def _reraise_user_error(err: ray.exceptions.RayTaskError) -> None:
+def _raise_user_error(err: ray.exceptions.RayTaskError) -> None:
     """Raise the original MetaRecError a task raised (no Ray traceback wrapper)."""
-    if isinstance(err.cause, MetaRecError):
-        raise err.cause from None
+    cause = user_error(err)
+    if cause is not None:
+        raise cause from None
 
 
 def _placement_strategy():
@@ -269,66 +245,6 @@ def _placement_strategy():
     if pg is None:
         return None
     return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_capture_child_tasks=True)
-
-
-def enable_local_token_auth() -> bool:
-    """Keep token auth on for a private local Ray instance (module docstring).
-
-    Returns True if token mode is on afterwards (False when the user set
-    `RAY_AUTH_MODE` to another mode, e.g. `disabled`).
-    """
-    mode = os.environ.get("RAY_AUTH_MODE")
-    if mode is not None and mode.lower() != "token":
-        return False
-    os.environ["RAY_AUTH_MODE"] = "token"
-    if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    # Ray caches its config and the token it loaded; make this process see the new ones.
-    from ray._raylet import AuthenticationTokenLoader
-    from ray._raylet import Config as RayletConfig
-
-    RayletConfig.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
-    return True
-
-
-def connect(address: str | None) -> None:
-    """Join `address` (auto or host:port; default `RAY_ADDRESS`), or start a private
-    local Ray instance bound to 127.0.0.1 with token auth on."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    enable_local_token_auth()
-    with _loopback_node_ip():
-        ray.init(address="local", include_dashboard=False, dashboard_host=LOOPBACK,
-                 _node_ip_address=LOOPBACK, log_to_driver=True)
-
-
-LOOPBACK = "127.0.0.1"
-
-
-@contextlib.contextmanager
-def _loopback_node_ip():
-    """Make Ray keep 127.0.0.1 as the node IP of a private local instance.
-
-    `ray.init(_node_ip_address="127.0.0.1")` alone is not enough on Linux: Ray replaces a
-    loopback address by the machine's outward IP (`resolve_ip_for_localhost`), registers the
-    node there, and its agents listen on it, while GCS, raylet and workers listen on all
-    interfaces. With Ray's single-machine mode (`ENABLE_RAY_CLUSTER` off, what Ray does on
-    macOS/Windows) the node IP stays 127.0.0.1 and every server binds to it. Only this
-    process's `ray.init` sees the switch; the environment (and so `ray start`) is untouched.
-    """
-    from ray._private import ray_constants
-
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def ray_runner_factory(address: str | None = None):

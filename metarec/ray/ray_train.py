@@ -9,7 +9,7 @@ group (gloo on CPU, NCCL on GPU):
   one clip + optimizer step, as DDP does (an explicit all-reduce, since the losses are
   computed functionally and never call a DDP module's forward). With N = 1 this is the
   local run, step for step;
-- MetaRec: `CollectiveRunner` (metarec.runners.collective): each worker runs its tasks,
+- MetaRec: `CollectiveRunner` (metarec.ray.collective): each worker runs its tasks,
   the workers exchange the similarity scalars and all-reduce the weighted meta gradients,
   and every worker applies the same outer step.
 
@@ -31,8 +31,9 @@ first and never dies where that marker exists (a local run directory). Which che
 the new group starts from is the last one Ray Train had registered when the worker died.
 
 Loopback. On the private local Ray instance (`connect(None)`) the process group is set up
-by `LoopbackTorchConfig`: a FileStore rendezvous in the run's temporary folder (torch's TCPStore would
-listen on all interfaces) and `GLOO_SOCKET_IFNAME=lo`, so gloo's sockets bind 127.0.0.1.
+by `metarec.ray.private.loopback_torch_config`: a FileStore rendezvous in the run's temporary
+folder (torch's TCPStore would listen on all interfaces) and `GLOO_SOCKET_IFNAME=lo`, so
+gloo's sockets bind 127.0.0.1.
 On a cluster, Ray Train's default TCP rendezvous on the head worker's node IP is used.
 """
 
@@ -43,7 +44,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from typing import Any
 
 import ray
@@ -52,11 +52,13 @@ import torch
 from metarec import fs
 from metarec.checkpoint import load_checkpoint
 from metarec.config import Config, config_from_dict
-from metarec.errors import ConfigError, MetaRecError
+from metarec.errors import ConfigError
 from metarec.problem import build_problem, resolve_device
+from metarec.ray.collective import CollectiveRunner, all_reduce_flat
+from metarec.ray.driver import WorkerFailedError
+from metarec.ray.private import loopback_torch_config
+from metarec.ray.session import error_line, fault_request, set_worker_threads, user_error, worker_config
 from metarec.run_dir import RunDir
-from metarec.runners.collective import CollectiveRunner
-from metarec.runners.ray_runner import WorkerFailedError, connect, worker_config
 from metarec.train import Trainer
 
 KILL_ENV = "METAREC_TEST_KILL_WORKER"  # test-only fault injection (module docstring)
@@ -65,31 +67,8 @@ KILL_ENV = "METAREC_TEST_KILL_WORKER"  # test-only fault injection (module docst
 # ------------------------------------------------------------------ process group
 
 
-def _loopback_torch_config(scratch: str):
-    from ray.train.torch import TorchConfig
-    from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
-
-    class _LoopbackTorchBackend(_TorchBackend):
-        """Ray Train's torch backend with a file rendezvous and gloo on the loopback device."""
-
-        def on_start(self, worker_group, backend_config) -> None:
-            store = os.path.join(scratch, f"pg-{uuid.uuid4().hex}")  # removed with `scratch` when the run ends
-            worker_group.execute(os.environ.__setitem__, "GLOO_SOCKET_IFNAME", "lo")
-            worker_group.execute(_set_torch_distributed_env_vars)
-            ray.get([worker_group.execute_single_async(
-                i, _setup_torch_process_group, backend="gloo", world_rank=i, world_size=len(worker_group),
-                init_method=f"file://{store}", timeout_s=backend_config.timeout_s) for i in range(len(worker_group))])
-
-    class LoopbackTorchConfig(TorchConfig):
-        @property
-        def backend_cls(self):
-            return _LoopbackTorchBackend
-
-    return LoopbackTorchConfig(backend="gloo")
-
-
 class ProcessGroupCollective:
-    """`metarec.runners.collective.Collective` on torch.distributed's default group.
+    """`metarec.ray.collective.Collective` on torch.distributed's default group.
 
     Counts per call the payload bytes and the bytes a ring all-reduce sends per worker,
     2 (W − 1) / W × payload; kills this worker at `kill_at` (test-only, module docstring).
@@ -137,15 +116,11 @@ class RayTrainTrainer(Trainer):
         with_grad = [p for p in self.model.parameters() if p.grad is not None]
         if not with_grad:
             return
-        flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
-        self.comm.all_reduce(flat, self.state.step)
+        totals = all_reduce_flat([p.grad for p in with_grad], self.comm, self.state.step)
         if self.comm.world == 1:
             return
-        flat /= self.comm.world
-        offset = 0
-        for p in with_grad:
-            p.grad.copy_(flat[offset: offset + p.grad.numel()].view_as(p.grad))
-            offset += p.grad.numel()
+        for p, total in zip(with_grad, totals):
+            p.grad.copy_(total / self.comm.world)
 
     def step(self, step: int) -> dict[str, Any]:
         start, bytes_before = time.perf_counter(), self.comm.ring_bytes
@@ -184,7 +159,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     cfg = config_from_dict(loop_config["config"], "Ray Train worker config")
-    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    set_worker_threads(cfg.ray.cpus_per_worker)
     kill = loop_config.get("kill")
     kill_at = (kill[0], kill_marker(loop_config["out"], *kill)) if kill and kill[1] == rank else None
     scratch = None
@@ -206,14 +181,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 
 def _kill_request() -> tuple[int, int] | None:
-    raw = os.environ.get(KILL_ENV)
-    if not raw:
+    request = fault_request(KILL_ENV, "ITERATION:RANK, e.g. 1:1")
+    if request is None:
         return None
-    try:
-        iteration, rank = (int(x) for x in raw.split(":"))
-    except ValueError:
-        raise ConfigError(f"{KILL_ENV}={raw!r}: expected ITERATION:RANK, e.g. 1:1 (test-only fault injection)") from None
-    return iteration, rank
+    iteration, ranks = request
+    if len(ranks) != 1:
+        raise ConfigError(f"{KILL_ENV}: expected ITERATION:RANK, e.g. 1:1, one rank (test-only fault injection)")
+    return iteration, ranks[0]
 
 
 def kill_marker(out_dir: str, iteration: int, rank: int) -> str:
@@ -243,7 +217,7 @@ def fit_with_ray_train(cfg: Config, out_dir: str, *, local: bool, resume: bool =
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": worker_config(cfg), "out": run_dir, "resume": resume, "kill": _kill_request(), "scratch": scratch},
-        torch_config=_loopback_torch_config(scratch) if local else TorchConfig(),
+        torch_config=loopback_torch_config(scratch) if local else TorchConfig(),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.name,
@@ -262,18 +236,7 @@ def fit_with_ray_train(cfg: Config, out_dir: str, *, local: bool, resume: bool =
 
 
 def _raise_worker_error(err: Exception) -> None:
-    failures = getattr(err, "worker_failures", None) or {}
-    for failure in failures.values():
-        cause = getattr(failure, "cause", failure)
-        if isinstance(cause, MetaRecError):
-            raise cause from None
-    first = next(iter(failures.values()), err)
-    line = (str(first).strip().splitlines() or [type(first).__name__])[-1]
-    raise WorkerFailedError(f"Ray Train run failed: {line}") from None
-
-
-def ray_train_connect(address: str | None) -> bool:
-    """Connect (or start the private loopback instance); True if it is the local instance."""
-    local = not (address or os.environ.get("RAY_ADDRESS"))
-    connect(address)
-    return local
+    cause = user_error(err)
+    if cause is not None:
+        raise cause from None
+    raise WorkerFailedError(f"Ray Train run failed: {error_line(err)}") from None

@@ -1,4 +1,4 @@
-"""`metarec tune`: space validation, a 4-trial ASHA sweep on tiny synthetic data that is
+"""`metarec tune` on Ray: a 4-trial ASHA sweep on tiny synthetic data that is
 interrupted (Ctrl-C) after a trial has finished and resumed, and its best config.
 
 The sweep runs through the CLI in a subprocess (it must be interruptible); trials run one
@@ -10,141 +10,24 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from metarec.data.synthetic import generate_domains
 from metarec.errors import ConfigError
-from tune.space import load_space
 from tune.sweep import run_sweep
+from tune_files import EVAL_EVERY, METAREC, N_EVALS, N_TRIALS, make_files, space_dict, write_yaml
 
-MAX_STEPS, EVAL_EVERY = 40, 5
-N_EVALS = MAX_STEPS // EVAL_EVERY
-N_TRIALS = 4
-METAREC = [sys.executable, "-m", "metarec.cli"]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 HANG_GUARD_S = 1800  # subprocess limits only catch a hung sweep; a loaded machine may take minutes
-
-
-def _write(path: Path, data: dict) -> str:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return str(path)
-
-
-def _base_config(root: str) -> dict:
-    return {
-        "name": "tiny",
-        "data": {"root": root, "target": "target", "sources": ["src-a", "src-b"], "max_len": 8},
-        "model": {"hidden": 16, "blocks": 1},
-        "train": {"batch_size": 16, "max_steps": MAX_STEPS, "eval_every": EVAL_EVERY, "patience": 100, "device": "cpu", "progress": False},
-        "meta": {"tasks_per_iter": 2},
-    }
-
-
-def _space(base: str, **changes) -> dict:
-    space = {
-        "name": "tiny_sweep",
-        "base_config": base,
-        "num_samples": N_TRIALS,
-        "max_concurrent_trials": 1,
-        "scheduler": {"grace_period": 1, "reduction_factor": 2},
-        "max_failures": 1,
-        "params": {
-            "rescale.tau": {"loguniform": [0.05, 5.0]},
-            "vq.heads": {"choice": [1, 2, 4]},
-            "meta.inner_lr": {"loguniform": ["1e-3", "1e-1"]},
-            "train.lr": {"loguniform": [3.0e-4, 3.0e-2]},
-        },
-    }
-    space.update(changes)
-    return space
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, str]:
-    tmp = tmp_path_factory.mktemp("tune")
-    root = generate_domains(
-        tmp / "prepared",
-        names=("src-a", "src-b", "target"),
-        n_users={"src-a": 120, "src-b": 80, "target": 40},
-        n_items={"src-a": 60, "src-b": 48, "target": 32},
-        seq_len={"src-a": 12, "src-b": 12, "target": 6},
-        n_concepts=8,
-        seed=0,
-    )
-    base = _write(tmp / "base.yaml", _base_config(str(root)))
-    return {"tmp": str(tmp), "base": base, "space": _write(tmp / "space.yaml", _space("base.yaml")), "store": str(tmp / "store")}
-
-
-# ---------------------------------------------------------------- validation
-
-
-@pytest.mark.parametrize(
-    "params, key, words",
-    [
-        ({"rescale.taux": {"loguniform": [0.1, 1.0]}}, "rescale.taux", "unknown config key"),
-        ({"rescale.tau": {"loguniform": [1.0, 1.0]}}, "rescale.tau", "empty range"),
-        ({"train.lr": {"loguniform": [0.0, 1.0]}}, "train.lr", "positive"),
-        ({"vq.heads": {"choice": [2, 3, 4, 5]}}, "vq.heads", "[3, 5] do not divide model.hidden=16"),
-        ({"vq.heads": {"choice": []}}, "vq.heads", "non-empty"),
-        ({"meta.inner_lr": {"lognormal": [0.1, 1.0]}}, "meta.inner_lr", "unknown distribution 'lognormal'"),
-        ({"meta.inner_steps": {"uniform": [1, 3]}}, "meta.inner_steps", "integer"),
-        ({"model.dropout": {"uniform": [0.1, 1.5]}}, "model.dropout", "less than 1"),  # a corner the config rejects
-        ({"train.max_steps": {"choice": [10, 20]}}, "train.max_steps", "overrides"),
-    ],
-)
-def test_bad_space_is_rejected_before_any_trial(files, tmp_path, params, key, words):
-    import ray
-
-    space = _write(tmp_path / "bad.yaml", _space(files["base"], params=params))
-    store = tmp_path / "store"
-    with pytest.raises(ConfigError) as err:
-        run_sweep(space, storage_path=str(store))
-    assert key in str(err.value) and words in str(err.value)
-    assert not ray.is_initialized() and not store.exists()
-
-
-def test_bad_overrides_and_metric_are_rejected(files, tmp_path):
-    with pytest.raises(ConfigError, match="overrides: unknown config key 'train.max_step'.*did you mean 'train.max_steps'"):
-        load_space(_write(tmp_path / "a.yaml", _space(files["base"], overrides={"train.max_step": 3})))
-    with pytest.raises(ConfigError, match="metric 'NDCG@11'"):
-        load_space(_write(tmp_path / "b.yaml", _space(files["base"], metric="NDCG@11")))
-    with pytest.raises(ConfigError, match="unknown key 'schedular'"):
-        load_space(_write(tmp_path / "c.yaml", _space(files["base"], schedular={})))
-
-
-def test_space_resolves_base_config_and_overrides(files):
-    space = load_space(files["space"])
-    assert space.base_config_path == files["base"]
-    assert space.max_evaluations == N_EVALS
-    cfg = space.config({"rescale.tau": 0.5, "vq.heads": 2})
-    assert (cfg.rescale.tau, cfg.vq.heads, cfg.model.hidden) == (0.5, 2, 16)
-    assert space.params["meta.inner_lr"].values == (1e-3, 1e-1)  # YAML's "1e-3" strings read as numbers
-
-
-def test_a_finished_trial_handed_back_by_resume_is_not_run_again(files, tmp_path, monkeypatch):
-    """An interrupt can land after a trial wrote its test metrics but before Tune saved
-    that; `--resume` then hands the trial back, and it must not train or rewrite anything."""
-    from types import SimpleNamespace
-
-    from ray import tune as ray_tune
-
-    from tune.sweep import metarec_trial, trial_run_dir
-
-    run = Path(trial_run_dir(str(tmp_path), "t0"))
-    (run / "checkpoints" / "best").mkdir(parents=True)
-    (run / "metrics.json").write_text('{"test": {"NDCG@10": 0.5}}')
-    before = {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in run.rglob("*")}
-    monkeypatch.setattr(ray_tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t0"))
-    monkeypatch.setattr(ray_tune, "get_checkpoint", lambda: pytest.fail("a finished trial must not restore a checkpoint"))
-    metarec_trial({"rescale.tau": 0.5, "vq.heads": 2, "meta.inner_lr": 0.01, "train.lr": 1e-3}, space=load_space(files["space"]), experiment_uri=str(tmp_path))
-    assert {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in run.rglob("*")} == before
-
-
-# ---------------------------------------------------------------- the sweep
+    return make_files(tmp_path_factory.mktemp("tune"))
 
 
 def _result_steps(trial_dir: Path) -> list[int]:
@@ -271,18 +154,6 @@ def test_sweep_prints_a_line_per_trial_report(uninterrupted_rows):
         assert f"trial {r['trial_id']} done" in err
 
 
-def test_set_overrides_the_trial_config_but_not_a_tuned_parameter(files):
-    space = load_space(files["space"], ["train.max_steps=10", "train.eval_every=5"])
-    assert space.base_config.train.max_steps == 10 and space.max_evaluations == 2
-    assert space.config({"rescale.tau": 0.5, "vq.heads": 2}).train.max_steps == 10
-    with pytest.raises(ConfigError, match=r"--set 'train.max_step=3': unknown config key 'train.max_step'.*did you mean 'train.max_steps'"):
-        load_space(files["space"], ["train.max_step=3"])
-    with pytest.raises(ConfigError, match="'rescale.tau' is a tuned parameter"):
-        load_space(files["space"], ["rescale.tau=0.5"])
-    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
-        load_space(files["space"], ["train.max_steps"])
-
-
 def test_outputs_and_best_config_trains(sweep, tmp_path):
     experiment, rows = sweep["experiment"], sweep["rows"]
     best = max(rows, key=lambda r: r["best_val_NDCG@10"])
@@ -315,7 +186,7 @@ def test_existing_sweep_needs_resume_and_resume_needs_a_sweep(sweep, files, tmp_
 def test_ray_runner_trial_places_its_workers_in_the_trial_placement_group(files, tmp_path):
     """runner: ray reserves 1 driver + ray.num_workers worker bundles; on 2 CPUs the trial can
     only finish if its SourceTaskWorker actors run inside that placement group."""
-    space = _write(tmp_path / "ray.yaml", _space(files["base"], name="ray_runner", num_samples=1, runner="ray",
+    space = write_yaml(tmp_path / "ray.yaml", space_dict(files["base"], name="ray_runner", num_samples=1, runner="ray",
                                                overrides={"ray.num_workers": 1}))
     run = subprocess.run([*METAREC, "tune", space, "--storage-path", str(tmp_path / "store"), "--set", "train.max_steps=10"],
                          capture_output=True, text=True, timeout=HANG_GUARD_S)
@@ -325,9 +196,3 @@ def test_ray_runner_trial_places_its_workers_in_the_trial_placement_group(files,
     assert "Logical resource usage: 2.0/" in run.stdout
 
 
-def test_the_readme_small_budget_example_space_loads():
-    """README: `metarec tune tune/spaces/cpu.yaml --num-samples 4 --set train.max_steps=100`."""
-    space = load_space(Path(__file__).resolve().parent.parent / "tune" / "spaces" / "cpu.yaml", ["train.max_steps=100"])
-    cfg = space.base_config
-    assert cfg.train.max_steps == 100 and cfg.train.eval_every == 25 and space.max_evaluations == 4
-    assert cfg.data.target_users == 2000 and cfg.train.device == "cpu"

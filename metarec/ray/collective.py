@@ -18,8 +18,9 @@ The math is the driver's, term for term; only the order of the float additions o
 all-reduce differs (parameters agree within 1e-6 after 3 iterations, tests/test_collective.py).
 
 Task i runs on worker i mod W. A `Collective` is anything with `rank`, `world`, `device`
-and `all_reduce(tensor, iteration)` (in-place sum); `metarec.ray_train` provides one
-on Ray Train's torch process group.
+and `all_reduce(tensor, iteration)` (in-place sum); `metarec.ray.ray_train` provides one
+on Ray Train's torch process group. `all_reduce_flat` is the one pack → all-reduce →
+unpack of a list of tensors (the meta update here, the data-parallel gradients there).
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ class Collective(Protocol):
 
     def all_reduce(self, tensor: torch.Tensor, iteration: int) -> None:
         """Sum `tensor` over all workers, in place."""
+
+
+def all_reduce_flat(parts: list[torch.Tensor], comm: Collective, iteration: int) -> list[torch.Tensor]:
+    """Sum `parts` over the workers in one flat buffer (one all-reduce); the summed parts,
+    in order and shape, as views of that buffer on the collective's device."""
+    flat = torch.cat([p.reshape(-1) for p in parts]).to(comm.device)
+    comm.all_reduce(flat, iteration)
+    out, offset = [], 0
+    for part in parts:
+        out.append(flat[offset: offset + part.numel()].view(part.shape))
+        offset += part.numel()
+    return out
 
 
 def task_owner(position: int, world: int) -> int:
@@ -127,14 +140,9 @@ class CollectiveRunner:
         for kind, name in layout:
             t = (grad if kind == "g" else changes).get(name)
             parts.append(torch.zeros(self._shapes[name], dtype=self._dtype) if t is None else t.to(self._dtype))
-        flat = torch.cat([p.reshape(-1) for p in parts]).to(self.comm.device)
-        self.comm.all_reduce(flat, self._iteration)
-        flat = flat.cpu()
         out: dict[str, dict[str, torch.Tensor]] = {"g": {}, "c": {}}
-        offset = 0
-        for (kind, name), part in zip(layout, parts):
-            out[kind][name] = flat[offset: offset + part.numel()].view(part.shape)
-            offset += part.numel()
+        for (kind, name), total in zip(layout, all_reduce_flat(parts, self.comm, self._iteration)):
+            out[kind][name] = total.cpu()
         return out["g"], out["c"]
 
     def close(self) -> None:

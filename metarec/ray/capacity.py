@@ -22,6 +22,7 @@ from typing import Any
 
 from metarec.config import RayConfig
 from metarec.errors import ConfigError
+from metarec.ray.private import autoscaler_max_resources
 
 _EPS = 1e-9
 
@@ -65,10 +66,8 @@ def cluster_capacity() -> dict[str, float]:
 
     totals = {k: float(v) for k, v in ray.cluster_resources().items()}
     try:  # no public API for the autoscaler's limits yet (Ray Train uses the same call)
-        from ray._private.state import state
-
-        limits = state.get_max_resources_from_cluster_config() or {}
-    except Exception:  # noqa: BLE001 - an older/newer Ray without it: current totals only
+        limits = autoscaler_max_resources()
+    except Exception:  # noqa: BLE001 - an untested Ray, or one without it: current totals only
         limits = {}
     for key, value in limits.items():
         totals[key] = max(totals.get(key, 0.0), float(value))
