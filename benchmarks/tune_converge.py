@@ -9,6 +9,8 @@ in benchmarks/results/transfer_converge/transfer_converge_tuned.json, where
 
     python benchmarks/tune_converge.py tune/spaces/converge_target_only_1k.yaml --method lru_target_only --name tune_converge_target_only_1k
     python benchmarks/tune_converge.py tune/spaces/converge_metarec_1k.yaml --method metarec --name tune_converge_metarec_1k
+    # the paper's Scientific target (results and tuned file in benchmarks/results/scientific/)
+    python benchmarks/tune_converge.py tune/spaces/scientific_target_only.yaml --method lru_target_only --name tune_target_only --experiment scientific --tuned-file scientific_tuned.json
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("space")
     ap.add_argument("--method", required=True, help="the transfer_converge method whose tuned variant this is")
-    ap.add_argument("--name", required=True, help="results file stem (benchmarks/results/transfer_converge/NAME.*) and sweep name")
+    ap.add_argument("--name", required=True, help="results file stem (benchmarks/results/EXPERIMENT/NAME.*) and sweep name")
     ap.add_argument("--storage-path", default=str(REPO / "runs" / "tune"))
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--tuned-file", default="transfer_converge_tuned.json")
+    ap.add_argument("--experiment", default="transfer_converge",
+                    help="results folder benchmarks/results/EXPERIMENT/ (rows and the tuned file)")
     args = ap.parse_args()
     prepare_shared_data()
     summary = run_sweep(args.space, storage_path=args.storage_path, name=args.name, resume=args.resume)
@@ -42,7 +46,7 @@ def main() -> None:
     scored = [r for r in rows if r["best val NDCG@10"] is not None]
     best = max(scored, key=lambda r: r["best val NDCG@10"])
     params = next(t["params"] for t in trials if t["trial_id"] == best["trial"])
-    tuned_path = experiment_dir("transfer_converge") / args.tuned_file
+    tuned_path = experiment_dir(args.experiment) / args.tuned_file
     tuned = json.loads(tuned_path.read_text()) if tuned_path.exists() else {}
     tuned[f"{args.method}_tuned"] = {"base": args.method, "overrides": params, "val NDCG@10": best["best val NDCG@10"], "trials": len(rows), "search": args.name}
     tuned_path.write_text(json.dumps(tuned, indent=1) + "\n")
@@ -50,7 +54,7 @@ def main() -> None:
     meta["sweep"] = summary
     notes = [f"Best trial by validation NDCG@10: {best['trial']} {params} (val {best['best val NDCG@10']:.5f}); "
              f"recorded as {args.method}_tuned in {args.tuned_file}. Tuned vs default on the same seeds: transfer_converge.md."]
-    write_results(args.name, meta, rows, notes, experiment="transfer_converge")
+    write_results(args.name, meta, rows, notes, experiment=args.experiment)
     print(notes[0])
 
 
