@@ -72,12 +72,13 @@ def _shutdown_ray() -> None:
 
 @cli.command()
 @click.argument("input_uri")
-@click.option("--format", "fmt", type=click.Choice(["sequences", "interactions"]), default="sequences", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["sequences", "interactions", "recbole"]), default="sequences", show_default=True,
+              help="recbole: NAME.inter, or the NAME.train/.valid/.test.inter split triple")
 @click.option("--name", required=True, help="domain name (directory under --out)")
 @click.option("--out", "out_root", required=True, help="root of prepared domains (local dir or s3://...)")
-@click.option("--user-col", default="user", show_default=True)
-@click.option("--item-col", default="item", show_default=True)
-@click.option("--time-col", default="timestamp", show_default=True)
+@click.option("--user-col", default=None, help="user column [interactions: user; recbole: user_id]")
+@click.option("--item-col", default=None, help="item column [interactions: item; recbole: item_id]")
+@click.option("--time-col", default=None, help="timestamp column [interactions: timestamp; recbole: timestamp if present]")
 @click.option("--rating-col", default=None, help="rating column (with --min-rating)")
 @click.option("--min-rating", type=float, default=None, help="keep interactions with rating >= this")
 @click.option("--min-user", type=int, default=0, show_default=True, help="k-core: min interactions per user")
