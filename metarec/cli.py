@@ -188,6 +188,21 @@ def evaluate(run_dir):
 
 
 @cli.command()
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--baseline", default=None, help="the run the others are compared with (default: the first)")
+@click.option("--json", "as_json", is_flag=True, help="print the table and intervals as JSON")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the bootstrap resampling")
+@_user_errors
+def compare(run_dirs, baseline, as_json, seed):
+    """Test metrics of RUN_DIRS (local or s3://) side by side, with each run's paired difference
+    from the baseline and its 95% bootstrap interval over the target's test users."""
+    from metarec.compare import compare_runs, format_table
+
+    result = compare_runs(list(run_dirs), baseline=baseline, seed=seed)
+    click.echo(json.dumps(result, indent=1) if as_json else format_table(result))
+
+
+@cli.command()
 @click.option("--out", "out_dir", default="runs/demo", show_default=True, help="where data, runs and demo.json go")
 @click.option("--quick", is_flag=True, help="shorter budget (CI)")
 @click.option("--seed", type=int, default=0, show_default=True)
