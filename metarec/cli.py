@@ -220,15 +220,31 @@ def demo(out_dir, quick, seed):
 @click.argument("run_dir")
 @click.option("--user", default=None, help="a user id of the target domain (original key)")
 @click.option("--history", default=None, help='item keys, oldest first, e.g. "i1 i2 i3"')
+@click.option("--all-users", is_flag=True, help="top-k of every target user into the Parquet file --out")
+@click.option("--out", default=None, help="with --all-users: the Parquet file to write (local or s3://)")
 @click.option("-k", "k", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="with --all-users: users per chunk [train.eval_batch_size]")
+@click.option("--ray", "use_ray", is_flag=True, help="with --all-users: score with Ray Data on a local Ray")
+@click.option("--ray-address", default=None, help="with --all-users: score with Ray Data on a Ray cluster (auto or ADDRESS)")
+@click.option("--workers", type=int, default=None, help="with --ray: scoring actors [one per GPU, else per CPU]")
 @_user_errors
-def recommend(run_dir, user, history, k):
-    """Top-k items for a user or a history, from RUN_DIR's best checkpoint."""
-    from metarec.errors import MetaRecError, bounded, describe_os_error
+def recommend(run_dir, user, history, all_users, out, k, batch_size, use_ray, ray_address, workers):
+    """Top-k items for a user, a history, or every target user (--all-users), from RUN_DIR's best checkpoint."""
+    from metarec.errors import MetaRecError
     from metarec.recommend import recommend as top_k
 
+    if all_users:
+        from metarec.recommend_all import recommend_all_users
+
+        if user is not None or history is not None or out is None:
+            raise MetaRecError("--all-users writes every user's top-k to --out PATH.parquet; give --out, and no --user or --history")
+        click.echo(json.dumps(recommend_all_users(run_dir, out, k=k, batch_size=batch_size, use_ray=use_ray,
+                                                  ray_address=ray_address, workers=workers), indent=1))
+        return
+    if out is not None or use_ray or ray_address or batch_size is not None or workers is not None:
+        raise MetaRecError("--out, --batch-size, --ray, --ray-address and --workers go with --all-users")
     if (user is None) == (history is None):
-        raise MetaRecError("give exactly one of --user ID or --history \"i1 i2 ...\"")
+        raise MetaRecError("give exactly one of --user ID or --history \"i1 i2 ...\" (or --all-users --out PATH.parquet)")
     click.echo(json.dumps(top_k(run_dir, user=user, history=history.split() if history is not None else None, k=k), indent=1))
 
 
