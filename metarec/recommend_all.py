@@ -12,8 +12,9 @@ user has seen all but fewer than k items).
 
 Users are read from the domain's `data.parquet` in chunks (`--batch-size`, default
 `train.eval_batch_size`) and each chunk's (B x K) scores are reduced to its top-k
-before the next chunk is read, so memory is O(batch × K + K), whatever the number of
-users. The file is written to a temporary sibling and moved into place (`fs.atomic_file`).
+before the next chunk is read, so memory is O(batch × K + K) plus one Parquet row group
+of the input (a prepared file holds up to 1Mi users per row group), whatever the number
+of users. The file is written to a temporary sibling and moved into place (`fs.atomic_file`).
 
 With Ray (`--ray`, `--ray-address`) the same chunks are scored by Ray Data:
 `map_batches` over a pool of `ChunkScorer` actors (one per GPU where the cluster has
@@ -237,11 +238,10 @@ def merge_parts(parts: str, out: str, *, n_users: int) -> None:
     for name in fs.listdir(parts):
         if name.endswith(".parquet"):
             with fs.open_input_file(fs.join(parts, name)) as file:
-                meta = pq.ParquetFile(file).metadata
-            if meta.num_rows:
-                column = meta.schema.to_arrow_schema().get_field_index(CHUNK)
-                first = min(meta.row_group(i).column(column).statistics.min for i in range(meta.num_row_groups) if meta.row_group(i).num_rows)
-                files.append((first, name))
+                part = pq.ParquetFile(file)
+                groups = [g for g in range(part.num_row_groups) if part.metadata.row_group(g).num_rows]
+                if groups:
+                    files.append((part.read_row_group(groups[0], columns=[CHUNK]).column(CHUNK)[0].as_py(), name))
     last, written = -1, 0
     with fs.atomic_file(out) as tmp:
         with fs.open_output(tmp) as stream, pq.ParquetWriter(stream, OUTPUT_SCHEMA) as writer:

@@ -132,3 +132,32 @@ def test_ray_data_output_is_identical_to_the_local_one(run_dir, local_output, pr
     assert summary["users"] == 40
     assert pq.read_table(out).equals(pq.read_table(local_output))
     assert os.listdir(tmp_path) == ["ray.parquet"]  # Ray Data's parts merged and removed
+
+
+def test_merge_puts_ray_parts_back_in_chunk_order(tmp_path):
+    import pyarrow as pa
+
+    from metarec.recommend_all import CHUNK, merge_parts
+
+    def part(chunks: list[int]) -> pa.Table:
+        return pa.table({"user": [f"u{c}" for c in chunks], "items": [[f"i{c}"] for c in chunks],
+                         "scores": pa.array([[float(c)] for c in chunks], pa.list_(pa.float32())), CHUNK: chunks})
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    pq.write_table(part([3, 4]), parts / "a.parquet")  # file names out of chunk order
+    pq.write_table(part([0, 0, 1]), parts / "b.parquet")
+    pq.write_table(part([2]), parts / "c.parquet")
+    pq.write_table(part([]), parts / "d.parquet")
+    merge_parts(str(parts), str(tmp_path / "out.parquet"), n_users=6)
+    merged = pq.read_table(tmp_path / "out.parquet")
+    assert merged.column_names == ["user", "items", "scores"]
+    assert merged.column("user").to_pylist() == ["u0", "u0", "u1", "u2", "u3", "u4"]
+
+    pq.write_table(part([5, 2]), parts / "c.parquet")  # a part whose chunks go backwards
+    with pytest.raises(MetaRecError, match="out of order"):
+        merge_parts(str(parts), str(tmp_path / "bad.parquet"), n_users=7)
+    pq.write_table(part([2]), parts / "c.parquet")
+    with pytest.raises(MetaRecError, match="6 rows for 7 users"):
+        merge_parts(str(parts), str(tmp_path / "bad.parquet"), n_users=7)
+    assert sorted(os.listdir(tmp_path)) == ["out.parquet", "parts"]  # nothing half-written
