@@ -162,3 +162,10 @@ def test_split_triple_refuses_rating_and_time_flags(tmp_path):
     with pytest.raises(DataError, match="no timestamp field 'when'"):
         (tmp_path / "t.inter").write_text("user_id:token\titem_id:token\n1\t2\n")
         prepare_domain(str(tmp_path / "t.inter"), tmp_path / "out", "t", "recbole", time_col="when")
+
+
+def test_crlf_lines_and_no_final_newline(tmp_path):
+    src = tmp_path / "w.inter"
+    src.write_bytes(b"user_id:token\titem_id:token\ttimestamp:float\r\nu1\tb\t2\r\nu1\ta\t1\r\n\r\nu2\tc\t5")
+    prepare_domain(str(src), tmp_path / "out", "w", "recbole")
+    assert sequences_by_key(tmp_path / "out", "w") == {"u1": ["a", "b"], "u2": ["c"]}
