@@ -238,6 +238,8 @@ def recommend(run_dir, user, history, all_users, out, k, batch_size, use_ray, ra
 
         if user is not None or history is not None or out is None:
             raise MetaRecError("--all-users writes every user's top-k to --out PATH.parquet; give --out, and no --user or --history")
+        if workers is not None and not (use_ray or ray_address):
+            raise MetaRecError("--workers sets the Ray Data scoring actors: give it with --ray or --ray-address")
         click.echo(json.dumps(recommend_all_users(run_dir, out, k=k, batch_size=batch_size, use_ray=use_ray,
                                                   ray_address=ray_address, workers=workers), indent=1))
         return

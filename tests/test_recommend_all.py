@@ -104,6 +104,7 @@ def test_cli_writes_and_reports(run_dir, tmp_path, local_output):
     (["--all-users"], "give --out"),
     (["--all-users", "--out", "x.parquet", "--user", "cust-1"], "no --user or --history"),
     (["--user", "cust-1", "--out", "x.parquet"], "go with --all-users"),
+    (["--all-users", "--out", "x.parquet", "--workers", "2"], "with --ray or --ray-address"),
     (["--all-users", "--out", "x.parquet", "-k", "0"], "k must be >= 1"),
     (["--all-users", "--out", "x.parquet", "--batch-size", "0"], "--batch-size must be >= 1"),
 ])
