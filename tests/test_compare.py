@@ -62,15 +62,18 @@ TINY_RUN = {
 
 
 def _train_tiny(root: str, out, **data) -> str:
+    """`metarec train` of a tiny config into `out` (through the CLI)."""
     import copy
 
-    from metarec.config import config_from_dict
-    from metarec.train import train
+    import yaml
 
     raw = copy.deepcopy(TINY_RUN)
     raw["name"] = out.name
     raw["data"].update(root=root, **data)
-    train(config_from_dict(raw), str(out))
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = _invoke("train", config, "--out", out)
+    assert result.exit_code == 0, result.output
     return str(out)
 
 
