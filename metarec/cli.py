@@ -72,12 +72,13 @@ def _shutdown_ray() -> None:
 
 @cli.command()
 @click.argument("input_uri")
-@click.option("--format", "fmt", type=click.Choice(["sequences", "interactions"]), default="sequences", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["sequences", "interactions", "recbole"]), default="sequences", show_default=True,
+              help="recbole: NAME.inter, or the NAME.train/.valid/.test.inter split triple")
 @click.option("--name", required=True, help="domain name (directory under --out)")
 @click.option("--out", "out_root", required=True, help="root of prepared domains (local dir or s3://...)")
-@click.option("--user-col", default="user", show_default=True)
-@click.option("--item-col", default="item", show_default=True)
-@click.option("--time-col", default="timestamp", show_default=True)
+@click.option("--user-col", default=None, help="user column [interactions: user; recbole: user_id]")
+@click.option("--item-col", default=None, help="item column [interactions: item; recbole: item_id]")
+@click.option("--time-col", default=None, help="timestamp column [interactions: timestamp; recbole: timestamp if present]")
 @click.option("--rating-col", default=None, help="rating column (with --min-rating)")
 @click.option("--min-rating", type=float, default=None, help="keep interactions with rating >= this")
 @click.option("--min-user", type=int, default=0, show_default=True, help="k-core: min interactions per user")
@@ -137,6 +138,21 @@ def evaluate(run_dir):
 
 
 @cli.command()
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--baseline", default=None, help="the run the others are compared with (default: the first)")
+@click.option("--json", "as_json", is_flag=True, help="print the table and intervals as JSON")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the bootstrap resampling")
+@_user_errors
+def compare(run_dirs, baseline, as_json, seed):
+    """Test metrics of RUN_DIRS (local or s3://) side by side, with each run's paired difference
+    from the baseline and its 95% bootstrap interval over the target's test users."""
+    from metarec.compare import compare_runs, format_table
+
+    result = compare_runs(list(run_dirs), baseline=baseline, seed=seed)
+    click.echo(json.dumps(result, indent=1) if as_json else format_table(result))
+
+
+@cli.command()
 @click.option("--out", "out_dir", default="runs/demo", show_default=True, help="where data, runs and demo.json go")
 @click.option("--quick", is_flag=True, help="shorter budget (CI)")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -154,15 +170,33 @@ def demo(out_dir, quick, seed):
 @click.argument("run_dir")
 @click.option("--user", default=None, help="a user id of the target domain (original key)")
 @click.option("--history", default=None, help='item keys, oldest first, e.g. "i1 i2 i3"')
+@click.option("--all-users", is_flag=True, help="top-k of every target user into the Parquet file --out")
+@click.option("--out", default=None, help="with --all-users: the Parquet file to write (local or s3://)")
 @click.option("-k", "k", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="with --all-users: users per chunk [train.eval_batch_size]")
+@click.option("--ray", "use_ray", is_flag=True, help="with --all-users: score with Ray Data on a local Ray")
+@click.option("--ray-address", default=None, help="with --all-users: score with Ray Data on a Ray cluster (auto or ADDRESS)")
+@click.option("--workers", type=int, default=None, help="with --ray: scoring actors [one per GPU, else per CPU]")
 @_user_errors
-def recommend(run_dir, user, history, k):
-    """Top-k items for a user or a history, from RUN_DIR's best checkpoint."""
-    from metarec.errors import MetaRecError, bounded, describe_os_error
+def recommend(run_dir, user, history, all_users, out, k, batch_size, use_ray, ray_address, workers):
+    """Top-k items for a user, a history, or every target user (--all-users), from RUN_DIR's best checkpoint."""
+    from metarec.errors import MetaRecError
     from metarec.recommend import recommend as top_k
 
+    if all_users:
+        from metarec.recommend_all import recommend_all_users
+
+        if user is not None or history is not None or out is None:
+            raise MetaRecError("--all-users writes every user's top-k to --out PATH.parquet; give --out, and no --user or --history")
+        if workers is not None and not (use_ray or ray_address):
+            raise MetaRecError("--workers sets the Ray Data scoring actors: give it with --ray or --ray-address")
+        click.echo(json.dumps(recommend_all_users(run_dir, out, k=k, batch_size=batch_size, use_ray=use_ray,
+                                                  ray_address=ray_address, workers=workers), indent=1))
+        return
+    if out is not None or use_ray or ray_address or batch_size is not None or workers is not None:
+        raise MetaRecError("--out, --batch-size, --ray, --ray-address and --workers go with --all-users")
     if (user is None) == (history is None):
-        raise MetaRecError("give exactly one of --user ID or --history \"i1 i2 ...\"")
+        raise MetaRecError("give exactly one of --user ID or --history \"i1 i2 ...\" (or --all-users --out PATH.parquet)")
     click.echo(json.dumps(top_k(run_dir, user=user, history=history.split() if history is not None else None, k=k), indent=1))
 
 

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from metarec import fs
-from metarec.compare import compare_runs, format_comparison
+from metarec.compare import METRIC, compare_runs, format_comparison
 from metarec.config import config_from_dict
 from metarec.data.synthetic import generate_domains
 from metarec.launch import run
@@ -39,20 +39,21 @@ def demo_config(root: str, method: str, quick: bool, seed: int = 0) -> dict[str,
 
 
 def run_demo(out_dir: str, quick: bool = False, seed: int = 0, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Train both methods under `out_dir`; returns {method: test metrics, "comparison": compare_runs(...)}."""
+    """Train both methods under `out_dir`; returns {method: test metrics, "comparison": the NDCG@10
+    difference with its interval}, both from `metarec.compare.compare_runs` (`metarec compare`)."""
     out_dir = out_dir.rstrip("/")
     root = f"{out_dir}/data"
     if not fs.exists(f"{root}/{TARGET}/manifest.json"):
         generate_domains(root, names=(*SOURCES, TARGET), seed=seed)
-    table = {}
     for method in METHODS:
         raw = demo_config(root, method, quick, seed)
         raw["train"]["progress"] = progress
         cfg = config_from_dict(raw, "demo config")
-        metrics = run(cfg, f"{out_dir}/{method}", "local", refuse_existing=False)
-        table[method] = metrics["test"]
+        run(cfg, f"{out_dir}/{method}", "local", refuse_existing=False)
         _plot(f"{out_dir}/{method}")
-    table["comparison"] = compare_runs(f"{out_dir}/target_only", f"{out_dir}/metarec", seed=seed)
+    result = compare_runs([f"{out_dir}/{method}" for method in METHODS], seed=seed)  # what `metarec compare` prints
+    table: dict[str, dict[str, Any]] = {method: row["metrics"] for method, row in zip(METHODS, result["runs"])}
+    table["comparison"] = result["differences"][0][METRIC]
     fs.atomic_write_bytes(f"{out_dir}/demo.json", json.dumps(table, indent=1).encode())
     return table
 

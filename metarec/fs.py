@@ -16,6 +16,7 @@ keys on them never sees an incomplete directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
 import uuid
@@ -122,6 +123,12 @@ def open_input(location: Location, decompress: bool = True):
     return filesystem.open_input_stream(path, compression="gzip" if gz else None)
 
 
+def open_input_file(location: Location):
+    """Random-access binary input file (a context manager), e.g. for `pyarrow.parquet.ParquetFile`."""
+    filesystem, path = resolve(location)
+    return filesystem.open_input_file(path)
+
+
 def read_bytes(location: Location) -> bytes:
     """The stored bytes of a file, as is (no decompression)."""
     with open_input(location, decompress=False) as stream:
@@ -157,6 +164,48 @@ def atomic_write_bytes(location: Location, data: bytes) -> None:
     try:
         write_bytes(tmp, data)
         os.replace(tmp, os.path.join(parent, base))
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def temp_sibling(location: Location, kind: str = "tmp") -> str:
+    """A new hidden name next to `location`: `.NAME.KIND-<32 hex digits>`."""
+    parent, base = _split_parent(location)
+    return join(parent, f".{base}.{kind}-{uuid.uuid4().hex}")
+
+
+def open_output(location: Location):
+    """Binary output stream (a context manager) of a new file, creating its parent directories."""
+    filesystem, path = resolve(location)
+    parent = posixpath.dirname(path) if is_uri(location) else os.path.dirname(path)
+    if parent:
+        filesystem.create_dir(parent, recursive=True)
+    return filesystem.open_output_stream(path, compression=None)
+
+
+@contextlib.contextmanager
+def atomic_file(location: Location) -> Iterator[str]:
+    """Yield a hidden temp sibling of `location` to write (e.g. streamed through `open_output`);
+    on success move it into place, on error delete it, so readers never see a partial file.
+
+    Local: rename. Object stores: a server-side copy (the object appears whole) and a
+    delete; a streamed upload is not written to `location` directly because closing an
+    interrupted multipart upload would publish what it holds so far.
+    """
+    parent, base = _split_parent(location)
+    dest = join(parent, base)
+    if isdir(dest):
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", dest)
+    tmp = temp_sibling(dest)
+    try:
+        yield tmp
+        if is_uri(dest):
+            filesystem, tmp_path = resolve(tmp)
+            filesystem.copy_file(tmp_path, resolve(dest)[1])
+            filesystem.delete_file(tmp_path)
+        else:
+            os.replace(tmp, dest)
     except BaseException:
         remove(tmp)
         raise

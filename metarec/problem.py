@@ -62,11 +62,7 @@ def build_problem(cfg: Config, device: torch.device | None = None) -> Problem:
     device = device or resolve_device(cfg.train.device)
     names = [cfg.data.target, *cfg.data.sources]
     domains = load_domains(cfg.data.root, names)
-    if cfg.data.target_users:
-        seed = cfg.seed if cfg.data.subsample_seed is None else cfg.data.subsample_seed
-        domains[cfg.data.target] = domains[cfg.data.target].subsample_users(
-            cfg.data.target_users, seed, compact_items=cfg.data.subsample_items == "compact"
-        )
+    domains[cfg.data.target] = subsample_target(cfg, domains[cfg.data.target])
     windows = {}
     for name, dom in domains.items():
         max_len = cfg.data.max_len if name == cfg.data.target else (cfg.data.source_max_len or cfg.data.max_len)
@@ -75,6 +71,15 @@ def build_problem(cfg: Config, device: torch.device | None = None) -> Problem:
     torch.manual_seed(cfg.seed)
     model = Recommender({n: d.n_items for n, d in domains.items()}, cfg.model).to(device)
     return Problem(cfg=cfg, domains=domains, windows=windows, model=model, device=device)
+
+
+def subsample_target(cfg: Config, target: Domain) -> Domain:
+    """The target domain as a run of `cfg` trains and evaluates on it: the seeded subsample of
+    `data.target_users` users (`data.subsample_seed`, else `seed`), or all of it."""
+    if not cfg.data.target_users:
+        return target
+    seed = cfg.seed if cfg.data.subsample_seed is None else cfg.data.subsample_seed
+    return target.subsample_users(cfg.data.target_users, seed, compact_items=cfg.data.subsample_items == "compact")
 
 
 def problem_from_run(run_dir: str) -> Problem:

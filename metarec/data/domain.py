@@ -45,17 +45,7 @@ class Domain:
         """Load `root/name/` (local or remote), checking the manifest and the data checksum."""
         where = fs.join(root, name)
         manifest_path = fs.join(where, MANIFEST_FILE)
-        if not fs.exists(manifest_path):
-            raise DataError(f"domain {name!r} is not prepared: {manifest_path} does not exist; "
-                            f"run `metarec prepare INPUT --name {name} --out {os.fspath(root)}`")
-        try:
-            manifest = json.loads(fs.read_text(manifest_path))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise DataError(f"{manifest_path}: not valid JSON ({err})") from None
-        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-            version = manifest.get("format_version") if isinstance(manifest, dict) else None
-            raise DataError(f"{manifest_path}: format_version {quote(version)} is not {FORMAT_VERSION}; prepare the domain again")
-        check_manifest(manifest, manifest_path)
+        manifest = load_manifest(root, name)
         data_path = fs.join(where, DATA_FILE)
         if not fs.exists(data_path):
             raise DataError(f"{data_path}: missing (the domain directory is incomplete; prepare it again)")
@@ -118,6 +108,23 @@ class Domain:
         histories = [s[:-cut] for s in rows]
         targets = np.array([s[-cut] for s in rows], dtype=np.int64)
         return histories, targets
+
+
+def load_manifest(root: fs.Location, name: str) -> dict:
+    """The checked manifest of the prepared domain `root/name/` (DataError if missing or malformed)."""
+    manifest_path = fs.join(root, name, MANIFEST_FILE)
+    if not fs.exists(manifest_path):
+        raise DataError(f"domain {name!r} is not prepared: {manifest_path} does not exist; "
+                        f"run `metarec prepare INPUT --name {name} --out {os.fspath(root)}`")
+    try:
+        manifest = json.loads(fs.read_text(manifest_path))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{manifest_path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise DataError(f"{manifest_path}: format_version {quote(version)} is not {FORMAT_VERSION}; prepare the domain again")
+    check_manifest(manifest, manifest_path)
+    return manifest
 
 
 def load_item_map(root: fs.Location, name: str) -> dict[str, int]:

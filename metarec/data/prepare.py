@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from metarec import fs
+from metarec.data import recbole
 from metarec.data.readers import (
     SequenceTable,
     build_sequences,
@@ -38,7 +39,7 @@ FORMAT_VERSION = 1
 DATA_FILE = "data.parquet"
 ITEMS_FILE = "items.parquet"
 MANIFEST_FILE = "manifest.json"
-FORMATS = ("sequences", "interactions")
+FORMATS = ("sequences", "interactions", "recbole")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -139,9 +140,9 @@ def prepare_domain(
     name: str,
     fmt: str = "sequences",
     *,
-    user_col: str = "user",
-    item_col: str = "item",
-    time_col: str | None = "timestamp",
+    user_col: str | None = None,
+    item_col: str | None = None,
+    time_col: str | None = None,
     rating_col: str | None = None,
     min_rating: float | None = None,
     min_user: int = 0,
@@ -149,19 +150,31 @@ def prepare_domain(
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> str:
-    """Read `input_uri` (`fmt` = 'sequences' or 'interactions') and write the prepared domain
-    `out_root/name/`; return its location. See the module docstring for the layout."""
+    """Read `input_uri` (`fmt` = 'sequences', 'interactions' or 'recbole') and write the prepared
+    domain `out_root/name/`; return its location. See the module docstring for the layout.
+
+    Columns left None take the format's names: `user`, `item`, `timestamp` for
+    interaction tables; RecBole's `user_id`, `item_id`, optional `timestamp` for `recbole`
+    (`metarec.data.recbole`, which also reads a train/valid/test split triple)."""
     check_domain_name(name)
     check_output_root(out_root)
     if fmt not in FORMATS:
         raise DataError(f"{os.fspath(input_uri)}: unknown input format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if fmt == "recbole":
+        input_uri = recbole.input_file(input_uri)
     source = os.fspath(input_uri)
     raw = read_input(input_uri, progress, decompress=False)
     data = gunzip_input(source, raw)
     params = {"format": fmt, "min_user": min_user, "min_item": min_item}
     if fmt == "sequences":
         events = read_sequences(input_uri, data=data)
+    elif fmt == "recbole":
+        events = recbole.read_recbole(input_uri, user_col=user_col, item_col=item_col, time_col=time_col,
+                                      rating_col=rating_col, min_rating=min_rating, data=data)
+        params.update(user_col=user_col, item_col=item_col, time_col=time_col,
+                      rating_col=rating_col, min_rating=min_rating)
     else:
+        user_col, item_col, time_col = user_col or "user", item_col or "item", time_col or "timestamp"
         events = read_interactions(input_uri, user_col=user_col, item_col=item_col, time_col=time_col,
                                    rating_col=rating_col, min_rating=min_rating, data=data)
         params.update(user_col=user_col, item_col=item_col, time_col=time_col,
