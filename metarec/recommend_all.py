@@ -206,7 +206,7 @@ def _score_locally(run_dir: str, out: str, users: TargetUsers, size: int, k: int
 def _score_with_ray_data(run_dir: str, out: str, users: TargetUsers, size: int, k: int, address: str | None, workers: int | None) -> None:
     import ray
 
-    from metarec.runners.ray_runner import connect
+    from metarec.ray.session import connect
 
     connect(address)
     import ray.data

@@ -78,7 +78,7 @@ def _train_tiny(root: str, out, **data) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tiny_domains_module, tmp_path_factory, one_torch_thread_module):
+def tiny_runs(tiny_domains_module, tmp_path_factory):
     """Runs on the tiny domains: target-only and MetaRec on 'target', target-only on 'src-b',
     and target-only on a 30-user subsample of 'target'."""
     base = tmp_path_factory.mktemp("runs")

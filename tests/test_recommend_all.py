@@ -23,7 +23,7 @@ from test_recommend import MAX_LEN, _prepare
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, one_torch_thread_module) -> str:
+def run_dir(tmp_path_factory) -> str:
     """A tiny MetaRec run on 'shop' (40 users, 30 items with keys 'sku-...', users 'cust-...')."""
     base = tmp_path_factory.mktemp("recommend_all")
     _prepare(str(base / "prepared"))
