@@ -7,7 +7,9 @@ checkpoints (`train.checkpoint_every` is set to `train.eval_every`, so every rep
 one). ASHA (mode max, time in evaluations) stops weak trials early. A restored trial
 (after a failure or `--resume`) replaces its run's checkpoints with the Tune checkpoint
 and continues from it, so its reports go on where they stopped. `--resume` restores the
-whole experiment (`Tuner.restore`): finished trials are not run again.
+whole experiment (`Tuner.restore`): finished trials are not run again. Before that, the
+store's seal is checked (`tune.seal`): a store this user's sweep did not write, or one
+altered since, is refused before anything in it is unpickled.
 
 At the end the experiment directory gets `results.json` / `results.md` (one row per
 trial: sampled parameters, best validation metric, test metrics, evaluations),
@@ -30,6 +32,7 @@ from metarec.config import dump_config
 from metarec.errors import ConfigError, MetaRecError
 from metarec.run_dir import METRICS_FILE, RunDir
 from tune.progress import TrialProgress
+from tune.seal import SealCallback, verify, write_seal
 from tune.space import SearchSpace, load_space
 
 DEFAULT_STORAGE = "runs/tune"
@@ -193,7 +196,7 @@ def _tuner(space: SearchSpace, experiment_uri: str, storage_uri: str, name: str,
             storage_filesystem=filesystem,
             failure_config=ray_tune.FailureConfig(max_failures=space.max_failures),
             checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[TrialProgress(space.metric, list(space.params))],
+            callbacks=[TrialProgress(space.metric, list(space.params)), SealCallback(experiment_uri)],
         ),
     )
 
@@ -340,13 +343,19 @@ def run_sweep(
     if not resume and exists:
         raise ConfigError(f"{experiment_uri}: already holds a sweep; pass --resume to continue it or --name for a new one")
 
+    if resume:
+        verify(experiment_uri)  # before Tune unpickles anything of the store
+
     import ray
 
     started = not ray.is_initialized()
     connect(ray_address)
     try:
         tuner = _tuner(space, experiment_uri, storage_uri, name, num_samples or space.num_samples, resume)
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        finally:
+            write_seal(experiment_uri)
     finally:
         if started:
             ray.shutdown()
