@@ -101,12 +101,15 @@ def save_checkpoint(
 def load_checkpoint(uri: str) -> Checkpoint:
     """Read a checkpoint; CheckpointError names what is missing or broken."""
     state_uri = f"{uri}/{STATE}"
-    tensors_uri = f"{uri}/{TENSORS}"
-    if not fs.exists(state_uri) or not fs.exists(tensors_uri):
-        raise CheckpointError(f"{uri}: no checkpoint here (expected {STATE} and {TENSORS})")
+    try:  # both files of one version, even while a save replaces the checkpoint
+        files = fs.read_dir_files(uri, (STATE, TENSORS))
+    except FileNotFoundError:
+        raise CheckpointError(f"{uri}: no checkpoint here (expected {STATE} and {TENSORS})") from None
+    except OSError as err:
+        raise CheckpointError(f"{uri}: unreadable checkpoint: {err}") from None
     try:
-        state = json.loads(fs.read_bytes(state_uri))
-        tensors = st_load(fs.read_bytes(tensors_uri))
+        state = json.loads(files[STATE])
+        tensors = st_load(files[TENSORS])
     except (ValueError, OSError, SafetensorError) as err:
         raise CheckpointError(f"{uri}: unreadable checkpoint: {err}") from None
     if not isinstance(state, dict):

@@ -117,10 +117,11 @@ def _load(config_path, overrides):
 @_user_errors
 def train(config_path, overrides, out_dir, resume, use_ray, ray_address, use_ray_train, workers):
     """Train per CONFIG_PATH into a run directory (config, history, metrics, checkpoints)."""
+    from metarec.fs import local_path
     from metarec.train import train as run_training
 
     cfg = _load(config_path, overrides)
-    out_dir = out_dir or f"runs/{cfg.name}"
+    out_dir = local_path(out_dir or f"runs/{cfg.name}")  # file:// is a local path (lock, atomic renames)
     if workers is not None:
         _set_workers(cfg, workers)
     if use_ray_train or ((use_ray or ray_address) and cfg.method == "metarec" and cfg.ray.mode == "collective"):

@@ -247,7 +247,7 @@ def absolute_data_root(raw: dict[str, Any]) -> dict[str, Any]:
     another working directory (Ray workers, Tune trials); URIs are left alone."""
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("root"), str) and not fs.is_uri(data["root"]):
-        data["root"] = os.path.abspath(os.path.expanduser(data["root"]))
+        data["root"] = os.path.abspath(os.path.expanduser(fs.local_path(data["root"])))
     return raw
 
 

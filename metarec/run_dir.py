@@ -34,7 +34,8 @@ is written:
   (named in one line). A change of a resumable key is applied and recorded, since
   the trainer writes the config it uses to `config.yaml`.
 - Stale hidden temp entries (`.step-N.tmp-*`, `.best.old-*`, `.history.jsonl.tmp-*`...)
-  left by a kill during an atomic write are deleted.
+  left by a kill during an atomic write are deleted, except that a `.NAME.old-*` whose
+  `NAME` is missing (a replace killed between its renames) is renamed back first.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ class RunDir:
     """The files of one run directory `uri` (a local path or an object-store URI)."""
 
     def __init__(self, uri: str):
+        uri = fs.local_path(uri)
         self.uri = uri.rstrip("/") or uri
 
     def __str__(self) -> str:
@@ -357,11 +359,21 @@ def check_resume(out: str, cfg: Config) -> None:
 
 
 def clean_stale_temp(out: str) -> list[str]:
-    """Delete hidden temp siblings of interrupted atomic writes; return what was deleted."""
+    """Delete hidden temp siblings of interrupted atomic writes; return what was deleted.
+
+    A replace killed between its two renames left its entry missing and the previous
+    version as `.NAME.old-*` (the only complete copy): that one is renamed back first."""
     removed = []
     for folder in (out, fs.join(out, CHECKPOINTS_DIR)):
         if not fs.isdir(folder):
             continue
+        for name in fs.listdir(folder, include_hidden=True):
+            m = _STALE_TEMP.match(name)
+            if m and m.group(1) == "old" and not fs.is_uri(folder):
+                entry = name[1 : name.rindex(".old-")]
+                if not os.path.exists(os.path.join(folder, entry)):
+                    os.rename(fs.swap_leftovers(os.path.join(folder, entry))[0], os.path.join(folder, entry))
+                    _log(f"restored {fs.join(folder, entry)} from its previous version, left by an interrupted replace")
         for name in fs.listdir(folder, include_hidden=True):
             if _STALE_TEMP.match(name):
                 fs.remove(fs.join(folder, name))
@@ -374,6 +386,7 @@ def clean_stale_temp(out: str) -> list[str]:
 @contextlib.contextmanager
 def open_run(out: str, cfg: Config, *, resume: bool = False, refuse_existing: bool = False) -> Iterator[None]:
     """Lock `out` and check it for a start or a resume (module docstring); yield under the lock."""
+    out = fs.local_path(out)
     out = out.rstrip("/") or out
     if fs.exists(out) and not fs.isdir(out):
         raise ConfigError(f"{out}: is a file, not a run directory; pass another --out")

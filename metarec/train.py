@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from metarec import fs
 from metarec.checkpoint import Checkpoint, check_optimizer_state, restore_model
 from metarec.config import Config
 from metarec.errors import CheckpointError, quote
@@ -292,5 +293,6 @@ def train(cfg: Config, out_dir: str, *, resume: bool = False, runner_factory=Non
     """Train per `cfg` into `out_dir` (locked, checked first: `metarec.run_dir.open_run`); returns
     the final metrics the run directory records. `refuse_existing`: refuse a directory
     holding a started run."""
+    out_dir = fs.local_path(out_dir)
     with open_run(out_dir, cfg, resume=resume, refuse_existing=refuse_existing):
         return Trainer.from_config(cfg, out_dir, runner_factory, on_eval).fit(resume=resume)

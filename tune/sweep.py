@@ -332,7 +332,7 @@ def run_sweep(
         raise ConfigError(f"--num-samples: must be >= 1, got {num_samples}")
     _check_data(space)
     name = name or space.name
-    storage_uri = storage_path or space.storage_path or DEFAULT_STORAGE
+    storage_uri = fs.local_path(storage_path or space.storage_path or DEFAULT_STORAGE)
     if not fs.is_uri(storage_uri):
         storage_uri = os.path.abspath(os.path.expanduser(storage_uri))
     experiment_uri = fs.join(storage_uri, name)
