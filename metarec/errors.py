@@ -43,5 +43,7 @@ def describe_os_error(err: OSError) -> str:
     where = " ".join(repr(str(f)) for f in (err.filename, err.filename2) if f)
     if err.errno == errno.ENOSPC:
         return f"disk full (no space left on device) while writing {where or 'output'}; nothing was half-written, free space and retry"
+    if err.errno == errno.EFBIG:
+        return f"file too large (over the file system's or the process's file size limit) while writing {where or 'output'}; nothing was half-written"
     text = err.strerror or str(err) or type(err).__name__
     return f"{where}: {text}" if where else text

@@ -19,11 +19,13 @@ import contextlib
 import errno
 import os
 import posixpath
+import re
 import time
 import uuid
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 Location = str | os.PathLike
@@ -74,7 +76,13 @@ def resolve(location: Location) -> tuple[pafs.FileSystem, str]:
     parts = urlsplit(text)
     if parts.scheme == "s3" and not parts.query:
         return _s3_filesystem(text), (parts.netloc + parts.path).rstrip("/")
-    filesystem, path = pafs.FileSystem.from_uri(text)
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(text)
+    except pa.ArrowInvalid as err:  # an unknown scheme, or a URI pyarrow cannot use
+        from metarec.errors import ConfigError, bounded
+
+        raise ConfigError(f"{bounded(text, 200)}: not a usable location ({bounded(str(err), 200)}); "
+                          "use a local path, file:///path, s3://bucket/path or gs://bucket/path") from None
     return filesystem, path.rstrip("/") or path
 
 
@@ -162,8 +170,24 @@ def write_bytes(location: Location, data: bytes) -> None:
     parent = posixpath.dirname(path) if is_uri(location) else os.path.dirname(path)
     if parent:
         filesystem.create_dir(parent, recursive=True)
-    with filesystem.open_output_stream(path, compression=None) as stream:
-        stream.write(data)
+    try:
+        with filesystem.open_output_stream(path, compression=None) as stream:
+            stream.write(data)
+    except OSError as err:
+        raise _with_filename(err, location) from None
+
+
+def _with_filename(err: OSError, location: str) -> OSError:
+    """`err` naming the file it happened on (pyarrow's write errors name none), with its errno."""
+    if err.filename:
+        return err
+    code = err.errno
+    if code is None:
+        found = re.search(r"\[errno (\d+)\]", str(err))
+        code = int(found.group(1)) if found else None
+    if code is None:
+        return OSError(None, str(err), location)
+    return OSError(code, os.strerror(code), location)
 
 
 def atomic_write_bytes(location: Location, data: bytes) -> None:

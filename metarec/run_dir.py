@@ -56,7 +56,7 @@ import yaml
 
 from metarec import fs
 from metarec.checkpoint import Checkpoint, load_checkpoint, restore_model, save_checkpoint
-from metarec.config import Config, config_from_dict, dump_config
+from metarec.config import Config, config_from_dict, dump_config, load_yaml
 from metarec.errors import CheckpointError, ConfigError, MetaRecError, bounded, quote
 
 LOCK_FILE = ".lock"
@@ -168,7 +168,7 @@ class RunDir:
         if not fs.exists(uri):
             raise CheckpointError(f"{self.uri}: not a run directory (no {CONFIG_FILE})")
         try:
-            raw = yaml.safe_load(fs.read_text(uri))
+            raw = load_yaml(fs.read_text(uri))
         except UnicodeDecodeError as err:
             raise ConfigError(f"{uri}: not a UTF-8 text file (byte {err.start}: {err.reason})") from None
         except yaml.YAMLError as err:

@@ -1,0 +1,157 @@
+"""Bad inputs, second round: each is one `error:` line (exit 2) naming what and where,
+and nothing is half-written."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from metarec import fs
+from metarec.cli import cli
+
+
+def invoke(*args) -> "CliRunner.invoke":
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def one_error_line(output: str, *fragments: str) -> str:
+    assert "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def config(tmp_path: Path, root: str, **train) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "bad", "data": {"root": root, "target": "target"}, "model": {"hidden": 16, "blocks": 1},
+        "train": {"batch_size": 8, "device": "cpu", "progress": False, "max_steps": 4, "eval_every": 2, **train},
+    }))
+    return path
+
+
+def leftovers(run: Path) -> list[str]:
+    return sorted(str(p.relative_to(run)) for p in run.rglob(".*") if p.name != ".lock") if run.exists() else []
+
+
+# ---------------------------------------------------------------- config files
+
+
+@pytest.mark.parametrize("text, got", [("- a\n- b\n", "got a list"), ("hello\n", "got 'hello'"), ("3\n", "got 3")])
+def test_a_config_whose_top_level_is_not_a_mapping_is_refused(tmp_path, text, got):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    for extra in ([], ["--set", "train.lr=0.1"]):
+        result = invoke("train", path, "--out", tmp_path / "run", *extra)
+        assert result.exit_code == 2
+        one_error_line(result.output, str(path), "expected a mapping", got)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, line", [
+    ("name: a\ndata:\n  target: t\ntrain:\n  lr: 0.1\n  lr: 0.2\n", "line 6, column 3: duplicate key 'lr' (first on line 5)"),
+    ("name: a\nname: b\ndata: {target: t}\n", "line 2, column 1: duplicate key 'name' (first on line 1)"),
+    ("name: a\ndata: {target: t, target: u}\n", "line 2, column 19: duplicate key 'target' (first on line 2)"),
+])
+def test_duplicate_yaml_keys_are_refused_with_their_line(tmp_path, text, line):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    result = invoke("train", path, "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    one_error_line(result.output, str(path), line)
+
+
+def test_yaml_merge_keys_are_not_duplicates():
+    from metarec.config import load_yaml
+
+    assert load_yaml("a: &x {b: 1}\nc:\n  <<: *x\n  d: 2\n") == {"a": {"b": 1}, "c": {"b": 1, "d": 2}}
+
+
+@pytest.mark.parametrize("key", ["train.lr", "train.max_steps", "model.hidden", "meta.persist_shared", "data.target_users"])
+def test_a_boolean_is_not_a_number(tmp_path, tiny_domains, key):
+    result = invoke("train", config(tmp_path, tiny_domains), "--out", tmp_path / "run", "--set", f"{key}=true")
+    assert result.exit_code == 2
+    one_error_line(result.output, f"invalid value for '{key}': expected a number, not a boolean (got True)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_booleans_still_set_boolean_keys(tmp_path, tiny_domains):
+    from metarec.config import load_config
+
+    cfg = load_config(config(tmp_path, tiny_domains), ["train.progress=true", "vq.enabled=false", "train.lr=1"])
+    assert (cfg.train.progress, cfg.vq.enabled, cfg.train.lr) == (True, False, 1.0)
+
+
+# ---------------------------------------------------------------- locations
+
+
+@pytest.mark.parametrize("where", ["out", "root", "evaluate"])
+def test_an_unknown_uri_scheme_is_one_line(tmp_path, tiny_domains, where):
+    cfg = config(tmp_path, tiny_domains)
+    if where == "out":
+        result = invoke("train", cfg, "--out", "ab://x/y")
+    elif where == "root":
+        result = invoke("train", cfg, "--out", tmp_path / "run", "--set", "data.root=ab://x")
+    else:
+        result = invoke("evaluate", "ab://x/y")
+    assert result.exit_code == 2
+    one_error_line(result.output, "ab://x", "not a usable location")
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- writes that fail
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_file_too_large_names_the_file_and_writes_nothing_half(tmp_path, tiny_domains):
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "metarec.cli", "train", str(config(tmp_path, tiny_domains)), "--out", str(run)],
+                         preexec_fn=_limit_file_size(20_000), capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 2, res.stderr
+    line = one_error_line(res.stderr, "file too large", "tensors.safetensors")
+    assert str(run / "checkpoints") in line
+    assert leftovers(run) == [] and not (run / "checkpoints" / "best").exists()
+
+
+def test_a_full_disk_reported_without_a_file_name_gets_one(tmp_path, monkeypatch):
+    """pyarrow's write errors carry no file name ("Error writing bytes to file. Detail: [errno 28] ...")."""
+    from metarec.errors import describe_os_error
+
+    class Stream:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise OSError("Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    class Full:
+        def create_dir(self, path, recursive=True):
+            pass
+
+        def open_output_stream(self, path, compression=None):
+            return Stream()
+
+    monkeypatch.setattr(fs, "resolve", lambda location: (Full(), str(location)))
+    with pytest.raises(OSError) as err:
+        fs.write_bytes(str(tmp_path / "history.jsonl"), b"x")
+    assert describe_os_error(err.value).startswith(f"disk full (no space left on device) while writing '{tmp_path / 'history.jsonl'}'")
