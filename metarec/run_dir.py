@@ -354,8 +354,39 @@ def check_resume(out: str, cfg: Config) -> None:
         raise CheckpointError(f"{out}: the run has finished and kept no step checkpoint (train.checkpoint_every="
                               f"{stored.train.checkpoint_every}), so there is nothing to resume; "
                               "use `metarec evaluate` or train into another --out")
+    done = _steps_done(run)
+    if cfg.train.max_steps < done:
+        raise ConfigError(f"{out}: cannot resume with train.max_steps={cfg.train.max_steps}: the run has already done "
+                          f"{done} steps (a resume never drops steps); pass train.max_steps >= {done}")
+    if run.finished():
+        _check_finished(run, stored, cfg)
     if changed:
         _log(f"resume {out}: applying {', '.join(changed)} (recorded in {CONFIG_FILE})")
+
+
+def _steps_done(run: RunDir) -> int:
+    """Steps the run has recorded: its history's last step (else its newest step checkpoint's)."""
+    try:
+        return max(r["step"] for r in run.read_history())
+    except MetaRecError:
+        checkpoints = run.step_checkpoints()
+        return checkpoints[-1][0] if checkpoints else 0
+
+
+def _check_finished(run: RunDir, stored: Config, cfg: Config) -> None:
+    """Refuse to resume a finished run that `cfg` would not train further (it would only
+    replay its last steps and rewrite its results)."""
+    try:
+        steps = int(run.read_metrics()["steps"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return  # unreadable final metrics: the resume recomputes them
+    if steps >= cfg.train.max_steps:
+        raise CheckpointError(f"{run.uri}: the run has finished ({steps} of train.max_steps={cfg.train.max_steps} steps); "
+                              "nothing to resume, nothing was changed (raise train.max_steps to train it further)")
+    if steps < stored.train.max_steps and cfg.train.patience <= stored.train.patience:
+        raise CheckpointError(f"{run.uri}: the run has finished: it stopped early at step {steps} (no improvement in "
+                              f"train.patience={stored.train.patience} evaluations); nothing to resume, nothing was changed "
+                              "(raise train.patience to train it further)")
 
 
 def clean_stale_temp(out: str) -> list[str]:

@@ -155,3 +155,51 @@ def test_a_full_disk_reported_without_a_file_name_gets_one(tmp_path, monkeypatch
     with pytest.raises(OSError) as err:
         fs.write_bytes(str(tmp_path / "history.jsonl"), b"x")
     assert describe_os_error(err.value).startswith(f"disk full (no space left on device) while writing '{tmp_path / 'history.jsonl'}'")
+
+
+# ---------------------------------------------------------------- resume of finished runs
+
+
+def snapshot(run: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_resume_of_an_early_stopped_run_says_it_is_finished_and_changes_nothing(tmp_path, tiny_domains):
+    cfg = config(tmp_path, tiny_domains, max_steps=200, eval_every=1, patience=1, checkpoint_every=1, lr=1.0)
+    run = tmp_path / "run"
+    first = invoke("train", cfg, "--out", run)
+    assert first.exit_code == 0, first.output
+    assert "early stop at step" in first.output
+    before = snapshot(run)
+    again = invoke("train", cfg, "--out", run, "--resume")
+    assert again.exit_code == 2
+    one_error_line(again.output, "the run has finished: it stopped early at step", "nothing was changed")
+    assert snapshot(run) == before
+    longer = invoke("train", cfg, "--out", run, "--resume", "--set", "train.max_steps=300")  # still early-stopped
+    assert longer.exit_code == 2 and snapshot(run) == before
+
+
+def test_resume_of_a_run_finished_at_max_steps_changes_nothing(tmp_path, tiny_domains):
+    cfg = config(tmp_path, tiny_domains, checkpoint_every=2)
+    run = tmp_path / "run"
+    assert invoke("train", cfg, "--out", run).exit_code == 0
+    before = snapshot(run)
+    again = invoke("train", cfg, "--out", run, "--resume")
+    assert again.exit_code == 2
+    one_error_line(again.output, "the run has finished (4 of train.max_steps=4 steps)")
+    assert snapshot(run) == before
+
+
+def test_resume_with_max_steps_below_the_steps_done_is_refused(tmp_path, tiny_domains):
+    cfg = config(tmp_path, tiny_domains, max_steps=8, checkpoint_every=2)
+    run = tmp_path / "run"
+    assert invoke("train", cfg, "--out", run).exit_code == 0
+    (run / "metrics.json").unlink()  # as if killed after its last step
+    before = snapshot(run)
+    for max_steps in (2, 6, 7):
+        result = invoke("train", cfg, "--out", run, "--resume", "--set", f"train.max_steps={max_steps}")
+        assert result.exit_code == 2
+        one_error_line(result.output, f"train.max_steps={max_steps}", "already done 8 steps")
+        assert snapshot(run) == before
+    assert invoke("train", cfg, "--out", run, "--resume").exit_code == 0  # 8 steps: finishes it
+    assert (run / "metrics.json").exists()
