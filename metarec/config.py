@@ -23,6 +23,7 @@ from metarec.errors import ConfigError, bounded, quote
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"  # a run or domain name: also a path component
 MAX_SEQ_LEN = 100_000  # beyond any sequence model's window; larger values only exhaust memory
+MAX_HIDDEN = 4096  # 16x the widest sequential recommenders; one LRU block is then 0.4 GB of float32
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]{1,3})$"
 
 
@@ -100,7 +101,7 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     backbone: Literal["lru", "sasrec", "gru4rec"] = "lru"
-    hidden: int = Field(64, ge=2, le=65536)
+    hidden: int = Field(64, ge=2, le=MAX_HIDDEN, description=f"embedding and encoder width (at most {MAX_HIDDEN})")
     blocks: int = Field(2, ge=1, le=1024)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     attn_heads: int = Field(2, ge=1, le=65536, description="attention heads (sasrec only)")

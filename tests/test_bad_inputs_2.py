@@ -203,3 +203,32 @@ def test_resume_with_max_steps_below_the_steps_done_is_refused(tmp_path, tiny_do
         assert snapshot(run) == before
     assert invoke("train", cfg, "--out", run, "--resume").exit_code == 0  # 8 steps: finishes it
     assert (run / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------- model size
+
+
+def test_model_hidden_has_a_sane_range(tmp_path, tiny_domains):
+    from metarec.config import MAX_HIDDEN
+
+    result = invoke("train", config(tmp_path, tiny_domains), "--out", tmp_path / "run", "--set", "model.hidden=65536")
+    assert result.exit_code == 2
+    one_error_line(result.output, "invalid value for 'model.hidden'", f"less than or equal to {MAX_HIDDEN}")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to allocate 17179869184 bytes."),
+    MemoryError(),
+])
+def test_a_model_that_cannot_be_allocated_is_one_line(tmp_path, tiny_domains, monkeypatch, error):
+    import metarec.problem
+
+    def no_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(metarec.problem, "Recommender", no_memory)
+    result = invoke("train", config(tmp_path, tiny_domains), "--out", tmp_path / "run", "--set", "model.hidden=4096")
+    assert result.exit_code == 2
+    one_error_line(result.output, "model.hidden=4096, model.blocks=1: cannot allocate the model on cpu")
+    assert not (tmp_path / "run").exists()
