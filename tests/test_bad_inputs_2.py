@@ -232,3 +232,71 @@ def test_a_model_that_cannot_be_allocated_is_one_line(tmp_path, tiny_domains, mo
     assert result.exit_code == 2
     one_error_line(result.output, "model.hidden=4096, model.blocks=1: cannot allocate the model on cpu")
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- interaction tables
+
+
+def prepare(src: Path, out: Path, *extra):
+    return invoke("prepare", src, "--format", "interactions", "--name", "d", "--out", out, *extra)
+
+
+def prepared_rows(out: Path) -> dict[str, tuple[list[int], list[int]]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "d" / "data.parquet").to_pylist()
+    return {r["user"]: (r["items"], r["timestamps"]) for r in table}
+
+
+def test_plain_iso_dates_are_timestamps(tmp_path):
+    src = tmp_path / "d.csv"
+    src.write_text("user,item,timestamp\nu1,i1,2024-01-03\nu1,i2,2024-01-01\nu1,i3,2024-01-02\nu2,i1,2024-01-01\n")
+    result = prepare(src, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    day = 86400
+    items, stamps = prepared_rows(tmp_path / "out")["u1"]
+    assert stamps == [1704067200, 1704067200 + day, 1704067200 + 2 * day]  # sorted by date: i2, i3, i1
+    assert len(set(items)) == 3
+
+
+def test_a_column_mixing_epoch_seconds_and_iso_times_is_read_and_a_bad_value_is_the_one_blamed(tmp_path):
+    src = tmp_path / "m.csv"
+    src.write_text("user,item,timestamp\nu1,i1,1700000000\nu1,i2,2024-01-02T00:00:00\nu1,i3,1700000002\nu2,i1,1700000000\n")
+    result = prepare(src, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert prepared_rows(tmp_path / "out")["u1"][1] == [1700000000, 1700000002, 1704153600]
+    src.write_text("user,item,timestamp\nu1,i1,1700000000\nu1,i2,2024-01-02T00:00:00\nu1,i3,yesterday\nu2,i1,1700000000\n")
+    result = prepare(src, tmp_path / "out2")
+    assert result.exit_code == 2
+    one_error_line(result.output, "row 3: timestamp 'yesterday'")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_timestamp_is_refused(tmp_path, bad):
+    import warnings
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"user": ["u1", "u1", "u1", "u2"], "item": ["a", "b", "c", "a"], "timestamp": [1.0, bad, 3.0, 1.0]}), src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy warning leaks either
+        result = prepare(src, tmp_path / "out")
+    assert result.exit_code == 2
+    one_error_line(result.output, f"row 2: timestamp {bad} in column 'timestamp' is not a finite number")
+    assert not (tmp_path / "out" / "d").exists()
+
+
+@pytest.mark.parametrize("data, raw", [
+    ("user,item,timestamp\nu1,i1,1\nu1,i2,2,\x1b]0;pwned\x07\n".encode(), ["\x1b", "\x07"]),
+    ("user,item,timestamp\nu1,i1,1\nu1,i2,2,x\n".encode("utf-16"), ["\x00"]),
+])
+def test_csv_parse_errors_reach_the_terminal_escaped(tmp_path, data, raw):
+    src = tmp_path / "d.csv"
+    src.write_bytes(data)
+    result = prepare(src, tmp_path / "out")
+    assert result.exit_code == 2
+    line = one_error_line(result.output, "d.csv")
+    assert not any(c in result.output for c in raw), repr(line)
+    assert all(c.isprintable() for c in line)
