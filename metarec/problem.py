@@ -16,7 +16,7 @@ import torch
 from metarec import fastpath
 from metarec.config import Config
 from metarec.data.batches import TrainWindows
-from metarec.data.domain import Domain, load_domains
+from metarec.data.domain import Domain, data_fingerprint, load_domains
 from metarec.errors import ConfigError, DataError, bounded
 from metarec.eval import evaluate
 from metarec.meta.run_task import TaskContext
@@ -96,7 +96,7 @@ def problem_from_run(run_dir: str) -> Problem:
     """The Problem a run directory was trained on, its model holding the best checkpoint."""
     run = RunDir(run_dir)
     problem = build_problem(run.read_config())
-    run.restore_best(problem.model)
+    run.restore_best(problem.model, data=data_fingerprint(problem.domains))
     return problem
 
 

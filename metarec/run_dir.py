@@ -56,7 +56,7 @@ import yaml
 
 from metarec import fs
 from metarec.checkpoint import Checkpoint, load_checkpoint, restore_model, save_checkpoint
-from metarec.config import Config, config_from_dict, dump_config, load_yaml
+from metarec.config import Config, absolute_data_root, config_from_dict, dump_config, load_yaml
 from metarec.errors import CheckpointError, ConfigError, MetaRecError, bounded, quote
 
 LOCK_FILE = ".lock"
@@ -156,8 +156,10 @@ class RunDir:
     # ------------------------------------------------------------ config
 
     def write_config(self, cfg: Config) -> None:
+        """config.yaml: `cfg` with a local `data.root` made absolute, so that the run names its
+        data wherever it is evaluated from."""
         fs.makedirs(self.uri)
-        fs.atomic_write_bytes(self.config_uri, dump_config(cfg).encode())
+        fs.atomic_write_bytes(self.config_uri, dump_config(_with_absolute_root(cfg)).encode())
 
     def has_config(self) -> bool:
         return fs.exists(self.config_uri)
@@ -239,16 +241,43 @@ class RunDir:
     def load_best(self) -> Checkpoint:
         return load_checkpoint(self.best_uri)
 
-    def restore_best(self, model: torch.nn.Module, *, subset: bool = False) -> None:
+    def restore_best(self, model: torch.nn.Module, *, subset: bool = False, data: dict[str, str] | None = None) -> None:
         """Copy the best checkpoint's parameters into `model` (the one way to restore a run's
         model). `subset`: `model` holds only some of the run's tensors (a target-only model
         for serving); the checkpoint's other tensors are ignored. A tensor `model` has and
-        the checkpoint lacks, or of another shape, is a CheckpointError either way."""
-        params = self.load_best().params
+        the checkpoint lacks, or of another shape, is a CheckpointError either way.
+        `data`: the fingerprint (`metarec.data.domain.data_fingerprint`) of the data about to
+        be used with the model, refused if the run was trained on other data."""
+        best = self.load_best()
+        if data is not None:
+            check_data(best.state, data, self.best_uri)
+        params = best.params
         if subset:
             wanted = dict(model.named_parameters()).keys()
             params = {k: v for k, v in params.items() if k in wanted}
         restore_model(model, params, self.best_uri)
+
+
+DATA_KEY = "data"  # a checkpoint state's record of the data the run trained on
+
+
+def check_data(state: dict[str, Any], data: dict[str, str], where: str) -> None:
+    """Refuse `data` (domain name -> data sha256) if a checkpoint `state` recorded other data for
+    any of its domains (checkpoints written before runs recorded their data are not checked)."""
+    recorded = state.get(DATA_KEY)
+    if not isinstance(recorded, dict):
+        return
+    for name, sha in sorted(data.items()):
+        if name in recorded and recorded[name] != sha:
+            raise CheckpointError(f"{where}: the run was trained on other data: domain {quote(name)} had sha256 "
+                                  f"{str(recorded[name])[:12]}…, the prepared domain now has {sha[:12]}… "
+                                  "(prepared again, or another data.root); use the data the run was trained on")
+
+
+def _with_absolute_root(cfg: Config) -> Config:
+    raw = cfg.to_dict()
+    absolute_data_root(raw)
+    return cfg if raw == cfg.to_dict() else config_from_dict(raw)
 
 
 def _drop_retired_keys(raw: Any) -> Any:
@@ -341,7 +370,8 @@ def check_resume(out: str, cfg: Config) -> None:
     if not fs.isdir(out) or not run.has_config():
         what = "does not exist" if not fs.exists(out) else f"holds no run (no {CONFIG_FILE})"
         raise CheckpointError(f"{out}: nothing to resume: the directory {what}; train without --resume to start a run")
-    stored = run.read_config()
+    stored = _with_absolute_root(run.read_config())
+    cfg = _with_absolute_root(cfg)  # a relative data.root means the same data only from the same directory
     changed = changed_keys(stored, cfg)
     refused = [k for k in changed if k not in RESUMABLE_KEYS]
     if refused:

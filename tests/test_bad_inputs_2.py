@@ -300,3 +300,83 @@ def test_csv_parse_errors_reach_the_terminal_escaped(tmp_path, data, raw):
     line = one_error_line(result.output, "d.csv")
     assert not any(c in result.output for c in raw), repr(line)
     assert all(c.isprintable() for c in line)
+
+
+# ---------------------------------------------------------------- the data a run was trained on
+
+
+def test_a_run_names_its_data_absolutely_and_refuses_other_data(tmp_path, tiny_domains, monkeypatch):
+    import json
+    import shutil
+
+    from metarec.data.synthetic import generate_domains
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(tiny_domains, work / "prepared")
+    monkeypatch.chdir(work)
+    cfg = config(work, "prepared", checkpoint_every=2)  # a relative data.root, like the default
+    assert invoke("train", cfg, "--out", "run").exit_code == 0
+    run = work / "run"
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["root"] == str(work / "prepared")
+    test = json.loads((run / "metrics.json").read_text())["test"]
+
+    elsewhere = tmp_path / "elsewhere"  # another directory, with its own (other) ./prepared
+    generate_domains(elsewhere / "prepared", names=("target",), n_users={"target": 40}, n_items={"target": 32},
+                     seq_len={"target": 6}, n_concepts=8, seed=7)
+    monkeypatch.chdir(elsewhere)
+    evaluated = invoke("evaluate", run)
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.output[evaluated.output.index("{"):]) == test  # the run's own data
+
+    # The data under the run's root prepared again (other content): refused by every reader.
+    shutil.rmtree(work / "prepared" / "target")
+    shutil.copytree(elsewhere / "prepared" / "target", work / "prepared" / "target")
+    (run / "metrics.json").unlink()
+    before = snapshot(run)
+    for args in (["evaluate", run], ["recommend", run, "--history", "1 2 3"]):
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        one_error_line(result.output, "the run was trained on other data: domain 'target' had sha256")
+    resumed = invoke("train", cfg, "--out", run, "--resume")  # from elsewhere, ./prepared is another root
+    assert resumed.exit_code == 2
+    one_error_line(resumed.output, "cannot resume with a changed config (data.root: ")
+    monkeypatch.chdir(work)  # the same root, whose data changed
+    resumed = invoke("train", cfg, "--out", run, "--resume")
+    assert resumed.exit_code == 2
+    one_error_line(resumed.output, "the run was trained on other data: domain 'target' had sha256")
+    assert snapshot(run) == before
+
+
+# ---------------------------------------------------------------- checkpoint integrity
+
+
+def flip_a_byte(path: Path, offset_from_end: int = 5) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x01  # inside the last tensor's bytes: still a valid safetensors file
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_weights_in_best_are_refused(tmp_path, tiny_domains):
+    run = tmp_path / "run"
+    assert invoke("train", config(tmp_path, tiny_domains), "--out", run).exit_code == 0
+    flip_a_byte(run / "checkpoints" / "best" / "tensors.safetensors")
+    for args in (["evaluate", run], ["recommend", run, "--history", "1 2 3"]):
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        one_error_line(result.output, "best/tensors.safetensors: sha256 does not match the one state.json records")
+
+
+def test_a_corrupted_newest_step_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_domains):
+    import json
+
+    cfg = config(tmp_path, tiny_domains, max_steps=8, checkpoint_every=2)
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert invoke("train", cfg, "--out", straight).exit_code == 0
+    assert invoke("train", cfg, "--out", run, "--set", "train.max_steps=6").exit_code == 0
+    flip_a_byte(run / "checkpoints" / "step-00000006" / "tensors.safetensors")
+    with pytest.warns(UserWarning, match="step-00000006/tensors.safetensors: sha256 does not match"):
+        result = invoke("train", cfg, "--out", run, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resumed" in result.output and "at step 4" in result.output
+    assert json.loads((run / "metrics.json").read_text())["test"] == json.loads((straight / "metrics.json").read_text())["test"]
