@@ -318,7 +318,7 @@ def load_space(path: str | os.PathLike, sets: tuple[str, ...] | list[str] = ()) 
 
     space = SearchSpace(
         path=where,
-        name=spec.name or path.stem,
+        name=path.stem if spec.name is None else spec.name,
         base=base,
         params=params,
         num_samples=spec.num_samples,

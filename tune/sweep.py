@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -28,8 +29,8 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from metarec import fs
-from metarec.config import dump_config
-from metarec.errors import ConfigError, MetaRecError
+from metarec.config import NAME_PATTERN, dump_config
+from metarec.errors import ConfigError, MetaRecError, quote
 from metarec.run_dir import METRICS_FILE, RunDir
 from tune.progress import TrialProgress
 from tune.seal import SealCallback, verify, write_seal
@@ -331,7 +332,11 @@ def run_sweep(
     if num_samples is not None and num_samples < 1:
         raise ConfigError(f"--num-samples: must be >= 1, got {num_samples}")
     _check_data(space)
-    name = name or space.name
+    where = "--name" if name is not None else f"{space_path}: name"
+    name = space.name if name is None else name
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ConfigError(f"{where} {quote(name)}: an experiment name is one directory under the storage path "
+                          "(letters, digits, '.', '_', '-'; no '/', not starting with '.')")
     storage_uri = fs.local_path(storage_path or space.storage_path or DEFAULT_STORAGE)
     if not fs.is_uri(storage_uri):
         storage_uri = os.path.abspath(os.path.expanduser(storage_uri))
