@@ -30,7 +30,8 @@ private local instance bound to 127.0.0.1 and keeps token auth on: unless
 and, if neither `RAY_AUTH_TOKEN` nor `RAY_AUTH_TOKEN_PATH` is set, a fresh random
 `RAY_AUTH_TOKEN` for this process and the Ray processes it starts. (Left to itself,
 `ray.init()` would also turn token auth on, but would write a token to
-`~/.ray/auth_token` if none exists there.) `RAY_AUTH_MODE=disabled` is respected.
+`~/.ray/auth_token` if none exists there.) Any other `RAY_AUTH_MODE` (`disabled`) is
+refused with one line: an unauthenticated local instance would run anyone's tasks.
 `connect(address)` joins a running cluster: the token then comes from the cluster's
 usual sources (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`, `~/.ray/auth_token`); with
 `auto`, Ray turns token mode on when such a token exists; with an explicit address,
@@ -52,7 +53,7 @@ import ray
 import torch
 
 from metarec.config import Config, absolute_data_root, config_from_dict
-from metarec.errors import ConfigError, MetaRecError
+from metarec.errors import ConfigError, MetaRecError, quote
 from metarec.meta.run_task import TaskResult, run_task
 from metarec.meta.tasks import TaskSpec
 from metarec.problem import build_problem, resolve_device
@@ -272,14 +273,13 @@ def _placement_strategy():
 
 
 def enable_local_token_auth() -> bool:
-    """Keep token auth on for a private local Ray instance (module docstring).
+    """Keep token auth on for a private local Ray instance (module docstring); returns True.
 
-    Returns True if token mode is on afterwards (False when the user set
-    `RAY_AUTH_MODE` to another mode, e.g. `disabled`).
-    """
+    ConfigError if `RAY_AUTH_MODE` asks for another mode (e.g. `disabled`)."""
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is not None and mode.lower() != "token":
-        return False
+        raise ConfigError(f"RAY_AUTH_MODE={quote(mode, 40)}: metarec does not start a local Ray instance without token "
+                          "authentication (any local process could run code in it); unset RAY_AUTH_MODE or set it to token")
     os.environ["RAY_AUTH_MODE"] = "token"
     if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
