@@ -43,16 +43,25 @@ def main() -> None:
     written, which would turn a successful command into exit status 134.
     """
     code = 0
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))  # clean up Ray on kill too
+    terminated: list[int] = []
+
+    def on_sigterm(signum, _frame):  # clean up Ray on kill too
+        terminated.append(signum)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         cli.main(standalone_mode=True)
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except BaseException:
-        import traceback
+        if not terminated:
+            import traceback
 
-        traceback.print_exc()
+            traceback.print_exc()
         code = 1
+    if terminated:  # 143 however the exit surfaced (ray.get turns the SystemExit into SystemExit(1))
+        code = 128 + terminated[0]
     _shutdown_ray()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -299,12 +299,30 @@ def connect(address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        with _keep_sigterm_handler():
+            ray.init(address=address, log_to_driver=True)
         return
     enable_local_token_auth()
-    with _loopback_node_ip():
+    with _loopback_node_ip(), _keep_sigterm_handler():
         ray.init(address="local", include_dashboard=False, dashboard_host=LOOPBACK,
                  _node_ip_address=LOOPBACK, log_to_driver=True)
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """Keep the process's SIGTERM handler across `ray.init`, which replaces it with its own
+    (`sys.exit(15)`, behind a native handler that prints a crash trace): the CLI's handler
+    exits 143 after shutting Ray down cleanly."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 LOOPBACK = "127.0.0.1"
