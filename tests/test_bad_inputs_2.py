@@ -380,3 +380,15 @@ def test_a_corrupted_newest_step_checkpoint_falls_back_to_the_previous_one(tmp_p
     assert result.exit_code == 0, result.output
     assert "resumed" in result.output and "at step 4" in result.output
     assert json.loads((run / "metrics.json").read_text())["test"] == json.loads((straight / "metrics.json").read_text())["test"]
+
+
+def test_the_scratch_folder_a_killed_ray_train_driver_left_is_removed_by_the_next_start(tmp_path, tiny_domains):
+    cfg = config(tmp_path, tiny_domains, max_steps=4, checkpoint_every=2)
+    run = tmp_path / "run"
+    assert invoke("train", cfg, "--out", run, "--set", "train.max_steps=2").exit_code == 0
+    scratch = run / f".ray-train-scratch.tmp-{'d' * 32}"
+    (scratch / "rank1-x" / "checkpoints").mkdir(parents=True)
+    (scratch / f"pg-{'e' * 32}").write_text("")
+    result = invoke("train", cfg, "--out", run, "--resume")
+    assert result.exit_code == 0, result.output
+    assert not scratch.exists() and "removed 1 stale temp entry" in result.output

@@ -32,6 +32,8 @@ def test_sigterm_exits_143_cleanly(tmp_path, tiny_domains, mode):
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "no step checkpoint in time"
             time.sleep(0.2)
+        if mode == "--ray-train":  # the rendezvous and scratch folder is a hidden temp entry of the run directory
+            assert [p.name.split(".tmp-")[0] for p in run.glob(".ray-train-scratch.tmp-*")] == [".ray-train-scratch"]
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=HANG_GUARD_S)
     finally:
@@ -41,7 +43,7 @@ def test_sigterm_exits_143_cleanly(tmp_path, tiny_domains, mode):
     text = log.read_text()
     assert proc.returncode == 143, text[-3000:]
     assert "SIGTERM received" not in text and "Traceback (most recent call last)" not in _driver_lines(text), text[-3000:]
-    assert not (run / ".lock").exists()
+    assert not (run / ".lock").exists() and not list(run.glob(".ray-train-scratch*"))
 
 
 def _driver_lines(text: str) -> str:
