@@ -1,7 +1,8 @@
 """One file API for local paths and remote URIs (`s3://`, `gs://`, ...) via `pyarrow.fs`.
 
 Every function takes a *location*: a local path (str or os.PathLike, relative paths are
-made absolute) or a URI understood by `pyarrow.fs.FileSystem.from_uri`. `s3://` URIs
+made absolute; `file:///path` is the local path `/path`, `local_path`) or a URI
+understood by `pyarrow.fs.FileSystem.from_uri`. `s3://` URIs
 get an `S3FileSystem` whose endpoint comes from `AWS_ENDPOINT_URL_S3` or
 `AWS_ENDPOINT_URL` (e.g. MinIO, or a moto server in tests) and that may create buckets.
 
