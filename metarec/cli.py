@@ -75,6 +75,9 @@ def _shutdown_ray() -> None:
     if ray is not None and ray.is_initialized():
         try:
             ray.shutdown()
+            from metarec.runners.ray_sessions import forget
+
+            forget()  # nothing of this driver's local Ray instance is left to reap
         except Exception as err:  # noqa: BLE001 - exiting anyway; say why Ray may linger
             print(f"warning: ray.shutdown() failed: {err}", file=sys.stderr)
 

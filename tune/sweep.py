@@ -364,6 +364,9 @@ def run_sweep(
     finally:
         if started:
             ray.shutdown()
+            from metarec.runners.ray_sessions import forget
+
+            forget()
     unfinished = _unfinished_trials(experiment_path, filesystem)
     if unfinished:  # Ctrl-C: Tune saved the state and returned early
         raise MetaRecError(

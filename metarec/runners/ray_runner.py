@@ -303,9 +303,13 @@ def connect(address: str | None) -> None:
             ray.init(address=address, log_to_driver=True)
         return
     enable_local_token_auth()
+    from metarec.runners import ray_sessions
+
+    ray_sessions.reap_killed()  # what a killed driver's local instance left
     with _loopback_node_ip(), _keep_sigterm_handler():
         ray.init(address="local", include_dashboard=False, dashboard_host=LOOPBACK,
                  _node_ip_address=LOOPBACK, log_to_driver=True)
+    ray_sessions.record()
 
 
 @contextlib.contextmanager
