@@ -4,7 +4,9 @@ A checkpoint is a directory (a run's `best` or `step-N`: `metarec.run_dir`) hold
 - `tensors.safetensors`: model parameters (`param/<name>`), optimizer state
   (`optim/<name>/<key>`) and the torch RNG state (`rng/torch`);
 - `state.json`: counters, best-so-far, sampler/numpy RNG state, optimizer
-  hyper-parameters, and `"complete": true` written last.
+  hyper-parameters, the sha256 of `tensors.safetensors` (checked on every load: a
+  flipped bit is a CheckpointError, and a resume falls back to the previous step
+  checkpoint), and `"complete": true` written last.
 It is written into a temporary sibling and renamed into place, so a reader sees
 either the whole checkpoint or none; a directory without a readable, complete
 `state.json` (a torn write from another tool, a disk that filled up) is skipped with
@@ -13,6 +15,7 @@ a warning by `RunDir.latest_step_checkpoint`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +30,7 @@ from metarec.errors import CheckpointError, quote
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
+TENSORS_SHA256 = "tensors_sha256"  # state.json's checksum of tensors.safetensors, verified on every load
 
 
 @dataclass
@@ -92,27 +96,38 @@ def save_checkpoint(
         full_state["optimizer"] = meta
         full_state["optimizer_order"] = list(pid_names.values())
     tensors["rng/torch"] = torch.get_rng_state()
+    blob = st_save(tensors)
+    full_state[TENSORS_SHA256] = hashlib.sha256(blob).hexdigest()
     full_state["complete"] = True
     with fs.atomic_dir(uri, replace=True, last=(STATE,)) as tmp:
-        fs.write_bytes(f"{tmp}/{TENSORS}", st_save(tensors))
+        fs.write_bytes(f"{tmp}/{TENSORS}", blob)
         fs.write_bytes(f"{tmp}/{STATE}", json.dumps(full_state, indent=1, sort_keys=True).encode())
 
 
 def load_checkpoint(uri: str) -> Checkpoint:
     """Read a checkpoint; CheckpointError names what is missing or broken."""
     state_uri = f"{uri}/{STATE}"
-    tensors_uri = f"{uri}/{TENSORS}"
-    if not fs.exists(state_uri) or not fs.exists(tensors_uri):
-        raise CheckpointError(f"{uri}: no checkpoint here (expected {STATE} and {TENSORS})")
+    try:  # both files of one version, even while a save replaces the checkpoint
+        files = fs.read_dir_files(uri, (STATE, TENSORS))
+    except FileNotFoundError:
+        raise CheckpointError(f"{uri}: no checkpoint here (expected {STATE} and {TENSORS})") from None
+    except OSError as err:
+        raise CheckpointError(f"{uri}: unreadable checkpoint: {err}") from None
     try:
-        state = json.loads(fs.read_bytes(state_uri))
-        tensors = st_load(fs.read_bytes(tensors_uri))
-    except (ValueError, OSError, SafetensorError) as err:
+        state = json.loads(files[STATE])
+    except ValueError as err:
         raise CheckpointError(f"{uri}: unreadable checkpoint: {err}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{state_uri}: expected a JSON object, got {type(state).__name__}")
     if not state.get("complete"):
         raise CheckpointError(f"{uri}: incomplete checkpoint (no 'complete' marker)")
+    recorded = state.get(TENSORS_SHA256)  # absent in checkpoints written before it was recorded
+    if recorded is not None and hashlib.sha256(files[TENSORS]).hexdigest() != recorded:
+        raise CheckpointError(f"{uri}/{TENSORS}: sha256 does not match the one {STATE} records (the tensors were modified or corrupted)")
+    try:
+        tensors = st_load(files[TENSORS])
+    except (ValueError, OSError, SafetensorError) as err:
+        raise CheckpointError(f"{uri}: unreadable checkpoint: {err}") from None
     params = {k[len("param/") :]: v for k, v in tensors.items() if k.startswith("param/")}
     optim = None
     if "optimizer" in state:

@@ -43,16 +43,25 @@ def main() -> None:
     written, which would turn a successful command into exit status 134.
     """
     code = 0
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))  # clean up Ray on kill too
+    terminated: list[int] = []
+
+    def on_sigterm(signum, _frame):  # clean up Ray on kill too
+        terminated.append(signum)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         cli.main(standalone_mode=True)
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except BaseException:
-        import traceback
+        if not terminated:
+            import traceback
 
-        traceback.print_exc()
+            traceback.print_exc()
         code = 1
+    if terminated:  # 143 however the exit surfaced (ray.get turns the SystemExit into SystemExit(1))
+        code = 128 + terminated[0]
     _shutdown_ray()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -66,6 +75,9 @@ def _shutdown_ray() -> None:
     if ray is not None and ray.is_initialized():
         try:
             ray.shutdown()
+            from metarec.ray.sessions import forget
+
+            forget()  # nothing of this driver's local Ray instance is left to reap
         except Exception as err:  # noqa: BLE001 - exiting anyway; say why Ray may linger
             print(f"warning: ray.shutdown() failed: {err}", file=sys.stderr)
 
@@ -118,10 +130,10 @@ def _load(config_path, overrides):
 @_user_errors
 def train(config_path, overrides, out_dir, resume, use_ray, ray_address, use_ray_train, workers):
     """Train per CONFIG_PATH into a run directory (config, history, metrics, checkpoints)."""
-    from metarec import launch
+    from metarec import fs, launch
 
     cfg = _load(config_path, overrides)
-    out_dir = out_dir or f"runs/{cfg.name}"
+    out_dir = fs.local_path(out_dir or f"runs/{cfg.name}")  # file:// is a local path (lock, atomic renames)
     mode = launch.pick_mode(cfg, ray=bool(use_ray or ray_address), ray_train=use_ray_train)
     metrics = launch.run(cfg, out_dir, mode, address=ray_address, workers=workers, resume=resume, config_path=config_path)
     click.echo(json.dumps({"run_dir": out_dir, "best_step": metrics["best_step"], "test": metrics["test"]}, indent=1))

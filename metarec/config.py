@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from metarec import fs
@@ -23,11 +23,57 @@ from metarec.errors import ConfigError, bounded, quote
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"  # a run or domain name: also a path component
 MAX_SEQ_LEN = 100_000  # beyond any sequence model's window; larger values only exhaust memory
+MAX_HIDDEN = 4096  # 16x the widest sequential recommenders; one LRU block is then 0.4 GB of float32
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]{1,3})$"
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping holds one key twice."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping holding one key twice (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, mark = self.construct_object(key_node, deep=deep), key_node.start_mark
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                seen[key] = mark.line + 1
+                if first is not None:
+                    raise DuplicateKeyError(f"line {mark.line + 1}, column {mark.column + 1}: duplicate key {quote(key)} (first on line {first})")
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as Python data: safe tags only, no duplicate keys."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _allows_bool(annotation: Any) -> bool:
+    import typing
+
+    if annotation is bool:
+        return True
+    return any(_allows_bool(a) for a in typing.get_args(annotation) if not isinstance(a, str))
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_as_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """`true` is not 1 (pydantic's lax mode would take it as one): a number field refuses booleans."""
+        if isinstance(value, bool) and not _allows_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, not a boolean")
+        return value
 
 
 class DataConfig(_Section):
@@ -61,7 +107,7 @@ class ModelConfig(_Section):
     """The sequential recommender f = f_m ∘ f_e (docs/design.md §2)."""
 
     backbone: Literal["lru", "sasrec", "gru4rec"] = Field("lru", description="lru (LRURec), sasrec or gru4rec")
-    hidden: int = Field(64, ge=2, le=65536, description="embedding and hidden size d")
+    hidden: int = Field(64, ge=2, le=MAX_HIDDEN, description=f"embedding and hidden size d (at most {MAX_HIDDEN})")
     blocks: int = Field(2, ge=1, le=1024, description="backbone layers")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout probability")
     attn_heads: int = Field(2, ge=1, le=65536, description="attention heads (sasrec only)")
@@ -269,7 +315,7 @@ def absolute_data_root(raw: dict[str, Any]) -> dict[str, Any]:
     another working directory (Ray workers, Tune trials); URIs are left alone."""
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("root"), str) and not fs.is_uri(data["root"]):
-        data["root"] = os.path.abspath(os.path.expanduser(data["root"]))
+        data["root"] = os.path.abspath(os.path.expanduser(fs.local_path(data["root"])))
     return raw
 
 
@@ -290,13 +336,17 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        raw = load_yaml(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not a UTF-8 text file (byte {err.start}: {err.reason})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {bounded(str(err), 300)}") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level, got {'a list' if isinstance(raw, list) else quote(raw, 40)}")
     raw = apply_overrides(raw, overrides)
     return config_from_dict(raw, str(path))
 

@@ -30,9 +30,16 @@ def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def printable(text: str) -> str:
+    """`text` with every non-printable character (terminal escapes, NUL, ...) written as its
+    Python escape (`\\x1b`), so that no input can act on the terminal an error is printed to."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def bounded(message: str, limit: int = 1000) -> str:
-    """A whole error message cut to `limit` characters: no input can make an error line huge."""
-    message = " ".join(str(message).split("\n"))
+    """A whole error message on one line of printable characters, cut to `limit` characters:
+    no input can make an error line huge or reach the terminal raw."""
+    message = printable(" ".join(str(message).splitlines()))
     return message if len(message) <= limit else message[: limit - 1] + "…"
 
 
@@ -43,5 +50,7 @@ def describe_os_error(err: OSError) -> str:
     where = " ".join(repr(str(f)) for f in (err.filename, err.filename2) if f)
     if err.errno == errno.ENOSPC:
         return f"disk full (no space left on device) while writing {where or 'output'}; nothing was half-written, free space and retry"
+    if err.errno == errno.EFBIG:
+        return f"file too large (over the file system's or the process's file size limit) while writing {where or 'output'}; nothing was half-written"
     text = err.strerror or str(err) or type(err).__name__
     return f"{where}: {text}" if where else text

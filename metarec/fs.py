@@ -1,7 +1,8 @@
 """One file API for local paths and remote URIs (`s3://`, `gs://`, ...) via `pyarrow.fs`.
 
 Every function takes a *location*: a local path (str or os.PathLike, relative paths are
-made absolute) or a URI understood by `pyarrow.fs.FileSystem.from_uri`. `s3://` URIs
+made absolute; `file:///path` is the local path `/path`, `local_path`) or a URI
+understood by `pyarrow.fs.FileSystem.from_uri`. `s3://` URIs
 get an `S3FileSystem` whose endpoint comes from `AWS_ENDPOINT_URL_S3` or
 `AWS_ENDPOINT_URL` (e.g. MinIO, or a moto server in tests) and that may create buckets.
 
@@ -19,18 +20,40 @@ import contextlib
 import errno
 import os
 import posixpath
+import re
+import time
 import uuid
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 Location = str | os.PathLike
 
 
-def is_uri(location: Location) -> bool:
-    """True for `scheme://...` locations (Windows drive letters are local paths)."""
+def local_path(location: Location) -> str:
+    """`location` as a string, a `file://` URI turned into the local path it names.
+
+    A `file://` location is a local path in every respect (the run directory's lock,
+    atomic renames), not an object store: `file:///abs/path` (or `file://localhost/...`)
+    is `/abs/path`; a `file://` URI naming another host is refused."""
     text = os.fspath(location)
+    if not text[:7].lower() == "file://":
+        return text
+    parts = urlsplit(text)
+    if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+        from metarec.errors import ConfigError
+
+        raise ConfigError(f"{text}: a file:// location must name a local path (file:///absolute/path)")
+    from urllib.parse import unquote
+
+    return unquote(parts.path) or "/"
+
+
+def is_uri(location: Location) -> bool:
+    """True for `scheme://...` object-store locations (`file://` and Windows drive letters are local paths)."""
+    text = local_path(location)
     scheme = urlsplit(text).scheme
     return "://" in text and len(scheme) > 1
 
@@ -48,26 +71,32 @@ def _s3_filesystem(uri: str) -> pafs.S3FileSystem:
 
 def resolve(location: Location) -> tuple[pafs.FileSystem, str]:
     """(file system, path inside it) for a local path or URI."""
-    text = os.fspath(location)
+    text = local_path(location)
     if not is_uri(text):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
     parts = urlsplit(text)
     if parts.scheme == "s3" and not parts.query:
         return _s3_filesystem(text), (parts.netloc + parts.path).rstrip("/")
-    filesystem, path = pafs.FileSystem.from_uri(text)
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(text)
+    except pa.ArrowInvalid as err:  # an unknown scheme, or a URI pyarrow cannot use
+        from metarec.errors import ConfigError, bounded
+
+        raise ConfigError(f"{bounded(text, 200)}: not a usable location ({bounded(str(err), 200)}); "
+                          "use a local path, file:///path, s3://bucket/path or gs://bucket/path") from None
     return filesystem, path.rstrip("/") or path
 
 
 def join(location: Location, *parts: str) -> str:
     """`location/part/...` as a string, keeping the URI scheme if there is one."""
-    text = os.fspath(location)
+    text = local_path(location)
     if is_uri(text):
         return posixpath.join(text.rstrip("/"), *parts)
     return os.path.join(text, *parts)
 
 
 def _split_parent(location: Location) -> tuple[str, str]:
-    text = os.fspath(location).rstrip("/")
+    text = local_path(location).rstrip("/")
     if is_uri(text):
         return posixpath.dirname(text), posixpath.basename(text)
     text = os.path.abspath(os.path.expanduser(text))
@@ -119,7 +148,7 @@ def remove(location: Location) -> None:
 def open_input(location: Location, decompress: bool = True):
     """Binary input stream (a context manager); `.gz` files are gunzipped unless `decompress=False`."""
     filesystem, path = resolve(location)
-    gz = decompress and os.fspath(location).endswith(".gz")
+    gz = decompress and local_path(location).endswith(".gz")
     return filesystem.open_input_stream(path, compression="gzip" if gz else None)
 
 
@@ -143,12 +172,29 @@ def read_text(location: Location, encoding: str = "utf-8") -> str:
 
 def write_bytes(location: Location, data: bytes) -> None:
     """Write a file, creating its parent directories (not atomic: see `atomic_write_bytes`)."""
+    location = local_path(location)
     filesystem, path = resolve(location)
     parent = posixpath.dirname(path) if is_uri(location) else os.path.dirname(path)
     if parent:
         filesystem.create_dir(parent, recursive=True)
-    with filesystem.open_output_stream(path, compression=None) as stream:
-        stream.write(data)
+    try:
+        with filesystem.open_output_stream(path, compression=None) as stream:
+            stream.write(data)
+    except OSError as err:
+        raise _with_filename(err, location) from None
+
+
+def _with_filename(err: OSError, location: str) -> OSError:
+    """`err` naming the file it happened on (pyarrow's write errors name none), with its errno."""
+    if err.filename:
+        return err
+    code = err.errno
+    if code is None:
+        found = re.search(r"\[errno (\d+)\]", str(err))
+        code = int(found.group(1)) if found else None
+    if code is None:
+        return OSError(None, str(err), location)
+    return OSError(code, os.strerror(code), location)
 
 
 def atomic_write_bytes(location: Location, data: bytes) -> None:
@@ -249,6 +295,9 @@ def atomic_dir(location: Location, replace: bool = False, last: tuple[str, ...] 
             if not replace:
                 raise FileExistsError(f"{dest} already exists")
             if isinstance(filesystem, pafs.LocalFileSystem):
+                if _exchange(tmp_path, dest_path):  # one atomic step: `dest` is never missing
+                    remove(tmp)  # now the old content
+                    return
                 old = join(parent, f".{base}.old-{uuid.uuid4().hex}")
                 filesystem.move(dest_path, resolve(old)[1])
             else:
@@ -259,3 +308,98 @@ def atomic_dir(location: Location, replace: bool = False, last: tuple[str, ...] 
     except BaseException:
         remove(tmp)
         raise
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two local paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # a libc without renameat2 (glibc < 2.28, some musl)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system without exchange: the two renames
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def swap_leftovers(location: Location) -> list[str]:
+    """Local `.NAME.old-*` siblings of `location`: its previous version, left by a replace
+    (`atomic_dir(replace=True)`) that was interrupted between its two renames; newest first."""
+    if is_uri(location):
+        return []
+    parent, base = _split_parent(location)
+    prefix = f".{base}.old-"
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(prefix)]
+    except FileNotFoundError:
+        return []
+    paths = []
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            paths.append((os.stat(os.path.join(parent, name)).st_mtime_ns, os.path.join(parent, name)))
+    return [p for _, p in sorted(paths, reverse=True)]
+
+
+SWAP_RETRIES = 1000
+
+
+def read_dir_files(location: Location, names: tuple[str, ...]) -> dict[str, bytes]:
+    """The files `names` of directory `location`, all from one version of it.
+
+    Local directories may be replaced (`atomic_dir(replace=True)`) while they are read:
+    the files are read through one open handle of the directory, so they come from the
+    same version; a version deleted while it is read, or a directory caught between the
+    two renames of a replace (then its previous version, `swap_leftovers`, is read), is
+    tried again (at most SWAP_RETRIES times). FileNotFoundError if the directory or a
+    file is missing (and no replace is under way)."""
+    if is_uri(location):
+        for name in names:
+            if not exists(join(location, name)):
+                raise FileNotFoundError(errno.ENOENT, "no such file", join(location, name))
+        return {name: read_bytes(join(location, name)) for name in names}
+    path = resolve(location)[1]
+    for _ in range(SWAP_RETRIES):
+        candidates = [path, *swap_leftovers(path)]
+        for candidate in candidates:
+            try:
+                dir_fd = os.open(candidate, os.O_RDONLY | os.O_DIRECTORY)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            try:
+                out = {}
+                for name in names:
+                    fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+                    with os.fdopen(fd, "rb") as f:
+                        out[name] = f.read()
+                return out
+            except FileNotFoundError:
+                if candidate == path and _same_dir(dir_fd, path):  # this version lacks the file
+                    raise FileNotFoundError(errno.ENOENT, "no such file", os.path.join(path, name)) from None
+            finally:
+                os.close(dir_fd)
+        if not swap_leftovers(path) and not os.path.isdir(path):
+            raise FileNotFoundError(errno.ENOENT, "no such directory", path)
+        time.sleep(0.001)
+    raise FileNotFoundError(errno.ENOENT, f"still being replaced after {SWAP_RETRIES} tries", path)
+
+
+def _same_dir(dir_fd: int, path: str) -> bool:
+    """Whether `path` still names the directory open as `dir_fd` (it was not swapped away)."""
+    try:
+        a, b = os.fstat(dir_fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)

@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any, Callable
 
+from metarec import fs
 from metarec.config import Config
 from metarec.errors import ConfigError
 from metarec.run_dir import open_run
@@ -53,6 +54,7 @@ def run(
     trial); `config_path` names the config in the CPU-time warning of a local run."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
+    out = fs.local_path(out)  # file:// is a local path: same lock and atomic writes
     if workers is not None:
         if workers < 1:
             raise ConfigError(f"--workers {workers}: the number of Ray workers must be at least 1")
@@ -85,6 +87,7 @@ def fit_in_run_dir(cfg: Config, out: str, *, resume: bool = False, refuse_existi
     (default: in-process)."""
     from metarec.train import Trainer
 
+    out = fs.local_path(out)
     with open_run(out, cfg, resume=resume, refuse_existing=refuse_existing):
         return Trainer.from_config(cfg, out, runner_factory, on_eval).fit(resume=resume)
 

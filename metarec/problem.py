@@ -16,8 +16,8 @@ import torch
 from metarec import fastpath
 from metarec.config import Config
 from metarec.data.batches import TrainWindows
-from metarec.data.domain import Domain, load_domains
-from metarec.errors import ConfigError, DataError
+from metarec.data.domain import Domain, data_fingerprint, load_domains
+from metarec.errors import ConfigError, DataError, bounded
 from metarec.eval import evaluate
 from metarec.meta.run_task import TaskContext
 from metarec.models.recommender import Recommender
@@ -69,7 +69,14 @@ def build_problem(cfg: Config, device: torch.device | None = None) -> Problem:
         windows[name] = TrainWindows(dom.train_sequences(), max_len)
     check_trainable(domains, windows, cfg.data.target)
     torch.manual_seed(cfg.seed)
-    model = Recommender({n: d.n_items for n, d in domains.items()}, cfg.model).to(device)
+    try:
+        model = Recommender({n: d.n_items for n, d in domains.items()}, cfg.model).to(device)
+    except (MemoryError, RuntimeError) as err:
+        if not _allocation_failure(err):
+            raise
+        detail = bounded(str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__, 200)
+        raise ConfigError(f"model.hidden={cfg.model.hidden}, model.blocks={cfg.model.blocks}: cannot allocate the model on "
+                          f"{device} ({detail}); use a smaller model") from None
     return Problem(cfg=cfg, domains=domains, windows=windows, model=model, device=device)
 
 
@@ -82,11 +89,19 @@ def subsample_target(cfg: Config, target: Domain) -> Domain:
     return target.subsample_users(cfg.data.target_users, seed, compact_items=cfg.data.subsample_items == "compact")
 
 
+def _allocation_failure(err: BaseException) -> bool:
+    """Whether `err` says memory ran out (torch reports CPU allocation failures as RuntimeError)."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(err).lower()
+    return "alloc" in text and ("memory" in text or "bytes" in text)
+
+
 def problem_from_run(run_dir: str) -> Problem:
     """The Problem a run directory was trained on, its model holding the best checkpoint."""
     run = RunDir(run_dir)
     problem = build_problem(run.read_config())
-    run.restore_best(problem.model)
+    run.restore_best(problem.model, data=data_fingerprint(problem.domains))
     return problem
 
 

@@ -21,7 +21,7 @@ import torch
 
 from metarec.config import Config
 from metarec.data.batches import left_pad
-from metarec.data.domain import Domain, load_item_map
+from metarec.data.domain import Domain, domain_sha256, load_item_map
 from metarec.errors import DataError, MetaRecError, NonFiniteError, quote
 from metarec.models.recommender import Recommender
 from metarec.objective import last_position_scores
@@ -32,7 +32,7 @@ def load_target_model(run_dir: str, cfg: Config, n_items: int) -> Recommender:
     """A target-only Recommender (eval mode, CPU) holding the best checkpoint's shared and target tensors."""
     run = RunDir(run_dir)
     model = Recommender({cfg.data.target: n_items}, cfg.model)
-    run.restore_best(model, subset=True)
+    run.restore_best(model, subset=True, data={cfg.data.target: domain_sha256(cfg.data.root, cfg.data.target)})
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise NonFiniteError(f"{run.best_uri}: non-finite weights in tensor {name!r}; the checkpoint cannot serve")

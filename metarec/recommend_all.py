@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from metarec import fs
 from metarec.data.batches import left_pad
 from metarec.data.domain import load_item_map, load_manifest
-from metarec.data.prepare import DATA_FILE, sha256_hex
+from metarec.data.prepare import DATA_FILE
 from metarec.errors import DataError, MetaRecError
 from metarec.eval import release_freed_memory
 from metarec.objective import last_position_scores

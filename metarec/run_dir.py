@@ -34,7 +34,8 @@ is written:
   (named in one line). A change of a resumable key is applied and recorded, since
   the trainer writes the config it uses to `config.yaml`.
 - Stale hidden temp entries (`.step-N.tmp-*`, `.best.old-*`, `.history.jsonl.tmp-*`...)
-  left by a kill during an atomic write are deleted.
+  left by a kill during an atomic write are deleted, except that a `.NAME.old-*` whose
+  `NAME` is missing (a replace killed between its renames) is renamed back first.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ import yaml
 
 from metarec import fs
 from metarec.checkpoint import Checkpoint, load_checkpoint, restore_model, save_checkpoint
-from metarec.config import Config, config_from_dict, dump_config
+from metarec.config import Config, absolute_data_root, config_from_dict, dump_config, load_yaml
 from metarec.errors import CheckpointError, ConfigError, MetaRecError, bounded, quote
 
 LOCK_FILE = ".lock"
@@ -120,6 +121,7 @@ class RunDir:
     """The files of one run directory `uri` (a local path or an object-store URI)."""
 
     def __init__(self, uri: str):
+        uri = fs.local_path(uri)
         self.uri = uri.rstrip("/") or uri
 
     def __str__(self) -> str:
@@ -154,8 +156,10 @@ class RunDir:
     # ------------------------------------------------------------ config
 
     def write_config(self, cfg: Config) -> None:
+        """config.yaml: `cfg` with a local `data.root` made absolute, so that the run names its
+        data wherever it is evaluated from."""
         fs.makedirs(self.uri)
-        fs.atomic_write_bytes(self.config_uri, dump_config(cfg).encode())
+        fs.atomic_write_bytes(self.config_uri, dump_config(_with_absolute_root(cfg)).encode())
 
     def has_config(self) -> bool:
         return fs.exists(self.config_uri)
@@ -166,7 +170,7 @@ class RunDir:
         if not fs.exists(uri):
             raise CheckpointError(f"{self.uri}: not a run directory (no {CONFIG_FILE})")
         try:
-            raw = yaml.safe_load(fs.read_text(uri))
+            raw = load_yaml(fs.read_text(uri))
         except UnicodeDecodeError as err:
             raise ConfigError(f"{uri}: not a UTF-8 text file (byte {err.start}: {err.reason})") from None
         except yaml.YAMLError as err:
@@ -237,16 +241,43 @@ class RunDir:
     def load_best(self) -> Checkpoint:
         return load_checkpoint(self.best_uri)
 
-    def restore_best(self, model: torch.nn.Module, *, subset: bool = False) -> None:
+    def restore_best(self, model: torch.nn.Module, *, subset: bool = False, data: dict[str, str] | None = None) -> None:
         """Copy the best checkpoint's parameters into `model` (the one way to restore a run's
         model). `subset`: `model` holds only some of the run's tensors (a target-only model
         for serving); the checkpoint's other tensors are ignored. A tensor `model` has and
-        the checkpoint lacks, or of another shape, is a CheckpointError either way."""
-        params = self.load_best().params
+        the checkpoint lacks, or of another shape, is a CheckpointError either way.
+        `data`: the fingerprint (`metarec.data.domain.data_fingerprint`) of the data about to
+        be used with the model, refused if the run was trained on other data."""
+        best = self.load_best()
+        if data is not None:
+            check_data(best.state, data, self.best_uri)
+        params = best.params
         if subset:
             wanted = dict(model.named_parameters()).keys()
             params = {k: v for k, v in params.items() if k in wanted}
         restore_model(model, params, self.best_uri)
+
+
+DATA_KEY = "data"  # a checkpoint state's record of the data the run trained on
+
+
+def check_data(state: dict[str, Any], data: dict[str, str], where: str) -> None:
+    """Refuse `data` (domain name -> data sha256) if a checkpoint `state` recorded other data for
+    any of its domains (checkpoints written before runs recorded their data are not checked)."""
+    recorded = state.get(DATA_KEY)
+    if not isinstance(recorded, dict):
+        return
+    for name, sha in sorted(data.items()):
+        if name in recorded and recorded[name] != sha:
+            raise CheckpointError(f"{where}: the run was trained on other data: domain {quote(name)} had sha256 "
+                                  f"{str(recorded[name])[:12]}…, the prepared domain now has {sha[:12]}… "
+                                  "(prepared again, or another data.root); use the data the run was trained on")
+
+
+def _with_absolute_root(cfg: Config) -> Config:
+    raw = cfg.to_dict()
+    absolute_data_root(raw)
+    return cfg if raw == cfg.to_dict() else config_from_dict(raw)
 
 
 def _drop_retired_keys(raw: Any) -> Any:
@@ -339,7 +370,8 @@ def check_resume(out: str, cfg: Config) -> None:
     if not fs.isdir(out) or not run.has_config():
         what = "does not exist" if not fs.exists(out) else f"holds no run (no {CONFIG_FILE})"
         raise CheckpointError(f"{out}: nothing to resume: the directory {what}; train without --resume to start a run")
-    stored = run.read_config()
+    stored = _with_absolute_root(run.read_config())
+    cfg = _with_absolute_root(cfg)  # a relative data.root means the same data only from the same directory
     changed = changed_keys(stored, cfg)
     refused = [k for k in changed if k not in RESUMABLE_KEYS]
     if refused:
@@ -352,16 +384,57 @@ def check_resume(out: str, cfg: Config) -> None:
         raise CheckpointError(f"{out}: the run has finished and kept no step checkpoint (train.checkpoint_every="
                               f"{stored.train.checkpoint_every}), so there is nothing to resume; "
                               "use `metarec evaluate` or train into another --out")
+    done = _steps_done(run)
+    if cfg.train.max_steps < done:
+        raise ConfigError(f"{out}: cannot resume with train.max_steps={cfg.train.max_steps}: the run has already done "
+                          f"{done} steps (a resume never drops steps); pass train.max_steps >= {done}")
+    if run.finished():
+        _check_finished(run, stored, cfg)
     if changed:
         _log(f"resume {out}: applying {', '.join(changed)} (recorded in {CONFIG_FILE})")
 
 
+def _steps_done(run: RunDir) -> int:
+    """Steps the run has recorded: its history's last step (else its newest step checkpoint's)."""
+    try:
+        return max(r["step"] for r in run.read_history())
+    except MetaRecError:
+        checkpoints = run.step_checkpoints()
+        return checkpoints[-1][0] if checkpoints else 0
+
+
+def _check_finished(run: RunDir, stored: Config, cfg: Config) -> None:
+    """Refuse to resume a finished run that `cfg` would not train further (it would only
+    replay its last steps and rewrite its results)."""
+    try:
+        steps = int(run.read_metrics()["steps"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return  # unreadable final metrics: the resume recomputes them
+    if steps >= cfg.train.max_steps:
+        raise CheckpointError(f"{run.uri}: the run has finished ({steps} of train.max_steps={cfg.train.max_steps} steps); "
+                              "nothing to resume, nothing was changed (raise train.max_steps to train it further)")
+    if steps < stored.train.max_steps and cfg.train.patience <= stored.train.patience:
+        raise CheckpointError(f"{run.uri}: the run has finished: it stopped early at step {steps} (no improvement in "
+                              f"train.patience={stored.train.patience} evaluations); nothing to resume, nothing was changed "
+                              "(raise train.patience to train it further)")
+
+
 def clean_stale_temp(out: str) -> list[str]:
-    """Delete hidden temp siblings of interrupted atomic writes; return what was deleted."""
+    """Delete hidden temp siblings of interrupted atomic writes; return what was deleted.
+
+    A replace killed between its two renames left its entry missing and the previous
+    version as `.NAME.old-*` (the only complete copy): that one is renamed back first."""
     removed = []
     for folder in (out, fs.join(out, CHECKPOINTS_DIR)):
         if not fs.isdir(folder):
             continue
+        for name in fs.listdir(folder, include_hidden=True):
+            m = _STALE_TEMP.match(name)
+            if m and m.group(1) == "old" and not fs.is_uri(folder):
+                entry = name[1 : name.rindex(".old-")]
+                if not os.path.exists(os.path.join(folder, entry)):
+                    os.rename(fs.swap_leftovers(os.path.join(folder, entry))[0], os.path.join(folder, entry))
+                    _log(f"restored {fs.join(folder, entry)} from its previous version, left by an interrupted replace")
         for name in fs.listdir(folder, include_hidden=True):
             if _STALE_TEMP.match(name):
                 fs.remove(fs.join(folder, name))
@@ -374,6 +447,7 @@ def clean_stale_temp(out: str) -> list[str]:
 @contextlib.contextmanager
 def open_run(out: str, cfg: Config, *, resume: bool = False, refuse_existing: bool = False) -> Iterator[None]:
     """Lock `out` and check it for a start or a resume (module docstring); yield under the lock."""
+    out = fs.local_path(out)
     out = out.rstrip("/") or out
     if fs.exists(out) and not fs.isdir(out):
         raise ConfigError(f"{out}: is a file, not a run directory; pass another --out")

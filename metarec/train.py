@@ -35,7 +35,8 @@ from metarec.meta.tasks import TaskSampler
 from metarec.objective import domain_loss
 from metarec.optimizer import clip_check_step, make_optimizer
 from metarec.problem import Problem, build_problem, target_metrics
-from metarec.run_dir import RunDir
+from metarec.data.domain import data_fingerprint
+from metarec.run_dir import DATA_KEY, RunDir, check_data
 from metarec.runners.local import LocalRunner
 
 
@@ -174,7 +175,8 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def _state_payload(self) -> dict[str, Any]:
-        return {"run": self.state.to_json(), "sampler": self.sampler.state_dict() if self.sampler else None, "target_rng": self.target_rng.bit_generator.state, "config": self.cfg.to_dict()}
+        return {"run": self.state.to_json(), "sampler": self.sampler.state_dict() if self.sampler else None, "target_rng": self.target_rng.bit_generator.state, "config": self.cfg.to_dict(),
+                DATA_KEY: data_fingerprint(self.problem.domains)}
 
     def resume(self, run: RunDir | None = None) -> bool:
         """Restore the newest complete step checkpoint of `run` (default: this run); False if none."""
@@ -191,6 +193,7 @@ class Trainer:
     def restore(self, ckpt: Checkpoint, root: str, where: str) -> None:
         """Parameters, optimizer, sampler, RNGs and counters from a step checkpoint
         (errors name `where`, the run, and `root`, its checkpoints)."""
+        check_data(ckpt.state, data_fingerprint(self.problem.domains), root)
         restore_model(self.model, ckpt.params, where)
         if ckpt.optimizer is None:
             raise CheckpointError(f"{where}: step checkpoint has no optimizer state")
@@ -214,8 +217,9 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         cfg = self.cfg
+        resumed = resume and self.resume()  # refuses a checkpoint it cannot continue before anything is written
         self.run.write_config(cfg)
-        if resume and self.resume():
+        if resumed:
             _log(f"resumed {self.out} at step {self.state.step}")
         bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, disable=not cfg.train.progress, desc=f"{cfg.name} [{cfg.method}]", dynamic_ncols=True)
         while self.state.step < cfg.train.max_steps:

@@ -9,6 +9,21 @@ from metarec.data.synthetic import generate_domains
 TINY_NAMES = ("src-a", "src-b", "target")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tune_secret(tmp_path_factory):
+    """The tests' own `metarec tune` sealing secret (never the user's ~/.config/metarec/tune-secret)."""
+    import os
+
+    SECRET_ENV = "METAREC_TUNE_SECRET_FILE"  # tune.seal.SECRET_ENV (imported lazily: it imports Ray Tune)
+    saved = os.environ.get(SECRET_ENV)
+    os.environ[SECRET_ENV] = str(tmp_path_factory.mktemp("tune-secret") / "tune-secret")
+    yield os.environ[SECRET_ENV]
+    if saved is None:
+        os.environ.pop(SECRET_ENV, None)
+    else:
+        os.environ[SECRET_ENV] = saved
+
+
 @pytest.fixture
 def tiny_domains(tmp_path) -> str:
     """Root dir (str) of 3 small prepared synthetic domains: 'src-a', 'src-b' (sources), 'target'."""

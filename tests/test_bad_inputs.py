@@ -323,13 +323,25 @@ def test_state_json_that_is_not_an_object_is_skipped_as_torn(resumable):
     assert_one_line_error(invoke("train", config, "--out", run, "--resume"), "every step checkpoint is torn")
 
 
+def save_consistent(tensors: dict, path: Path) -> None:
+    """Write tensors and record their checksum in the checkpoint's state.json: a bad checkpoint
+    that passes the integrity check (written so by a faulty writer), for the checks behind it."""
+    import hashlib
+
+    save_file(tensors, path)
+    state_path = path.parent / "state.json"
+    state = json.loads(state_path.read_text())
+    state["tensors_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    state_path.write_text(json.dumps(state))
+
+
 def test_optimizer_tensor_of_the_wrong_shape_is_refused_at_load(resumable):
     config, run = resumable
     path = run / "checkpoints" / "step-00000008" / "tensors.safetensors"
     tensors = load_file(path)
     key = next(k for k in tensors if k.startswith("optim/") and k.endswith("/exp_avg"))
     tensors[key] = torch.zeros(3)
-    save_file(tensors, path)
+    save_consistent(tensors, path)
     assert_one_line_error(invoke("train", config, "--out", run, "--resume"), "optimizer tensor", "has shape (3,)")
 
 
@@ -343,7 +355,7 @@ def test_recommend_with_non_finite_weights_fails_like_evaluate(trained, tmp_path
     path = copy / "checkpoints" / "best" / "tensors.safetensors"
     tensors = load_file(path)
     tensors["param/items.target"][3, 0] = float("nan")
-    save_file(tensors, path)
+    save_consistent(tensors, path)
     assert_one_line_error(invoke("evaluate", copy), "NaN")
     assert_one_line_error(invoke("recommend", copy, "--history", "1 2"), "non-finite weights", "items.target")
 

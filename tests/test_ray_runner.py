@@ -96,10 +96,13 @@ def test_local_instance_keeps_token_auth_on_without_touching_home(ray_home):
     assert not (Path(ray_home) / ".ray").exists()
 
 
-def test_disabled_auth_mode_is_respected(monkeypatch):
+def test_disabled_auth_mode_is_refused_for_local_ray(monkeypatch):
+    from metarec.errors import ConfigError
+
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    assert enable_local_token_auth() is False
+    with pytest.raises(ConfigError, match="RAY_AUTH_MODE='disabled': metarec does not start a local Ray instance without token"):
+        enable_local_token_auth()
     assert os.environ["RAY_AUTH_MODE"] == "disabled" and "RAY_AUTH_TOKEN" not in os.environ
 
 

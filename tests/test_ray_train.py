@@ -80,6 +80,7 @@ def test_a_killed_worker_is_restored_from_the_last_checkpoint(private_ray, root,
     metrics = fit_with_ray_train(cfg, str(tmp_path / "run"), local=True)
     assert metrics["steps"] == STEPS
     assert list(scratch_parent.iterdir()) == []  # the killed worker's scratch run and the rendezvous file are gone
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # (kept in the run directory)
     assert (tmp_path / "run" / "ray_train" / "killed-2-1").exists() and kill_marker(str(tmp_path / "run"), 2, 1)
     with open(tmp_path / "run" / "history.jsonl") as f:
         rows = [json.loads(line) for line in f]

@@ -50,6 +50,7 @@ from metarec.config import (
     config_from_dict,
     format_validation_error,
     leaf_field,
+    load_yaml,
     parse_override,
     set_dotted,
     suggest_key,
@@ -280,7 +281,7 @@ def load_space(path: str | os.PathLike, sets: tuple[str, ...] | list[str] = ()) 
     if not path.is_file():
         raise ConfigError(f"{where}: space file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{where}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -296,7 +297,7 @@ def load_space(path: str | os.PathLike, sets: tuple[str, ...] | list[str] = ()) 
 
     base_path = _find_base_config(path, spec.base_config)
     try:
-        base = yaml.safe_load(base_path.read_text()) or {}
+        base = load_yaml(base_path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{base_path}: not valid YAML: {err}") from None
     if not isinstance(base, dict):
@@ -317,7 +318,7 @@ def load_space(path: str | os.PathLike, sets: tuple[str, ...] | list[str] = ()) 
 
     space = SearchSpace(
         path=where,
-        name=spec.name or path.stem,
+        name=path.stem if spec.name is None else spec.name,
         base=base,
         params=params,
         num_samples=spec.num_samples,

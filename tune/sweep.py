@@ -7,7 +7,9 @@ checkpoints (`train.checkpoint_every` is set to `train.eval_every`, so every rep
 one). ASHA (mode max, time in evaluations) stops weak trials early. A restored trial
 (after a failure or `--resume`) replaces its run's checkpoints with the Tune checkpoint
 and continues from it, so its reports go on where they stopped. `--resume` restores the
-whole experiment (`Tuner.restore`): finished trials are not run again.
+whole experiment (`Tuner.restore`): finished trials are not run again. Before that, the
+store's seal is checked (`tune.seal`): a store this user's sweep did not write, or one
+altered since, is refused before anything in it is unpickled.
 
 At the end the experiment directory gets `results.json` / `results.md` (one row per
 trial: sampled parameters, best validation metric, test metrics, evaluations),
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -26,10 +29,11 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from metarec import fs
-from metarec.config import dump_config
-from metarec.errors import ConfigError, MetaRecError
+from metarec.config import NAME_PATTERN, dump_config
+from metarec.errors import ConfigError, MetaRecError, quote
 from metarec.run_dir import METRICS_FILE, RunDir
 from tune.progress import TrialProgress
+from tune.seal import SealCallback, verify, write_seal
 from tune.space import SearchSpace, load_space
 
 DEFAULT_STORAGE = "runs/tune"
@@ -200,7 +204,7 @@ def _tuner(space: SearchSpace, experiment_uri: str, storage_uri: str, name: str,
             storage_filesystem=filesystem,
             failure_config=ray_tune.FailureConfig(max_failures=space.max_failures),
             checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[TrialProgress(space.metric, list(space.params))],
+            callbacks=[TrialProgress(space.metric, list(space.params)), SealCallback(experiment_uri)],
         ),
     )
 
@@ -335,8 +339,12 @@ def run_sweep(
     if num_samples is not None and num_samples < 1:
         raise ConfigError(f"--num-samples: must be >= 1, got {num_samples}")
     _check_data(space)
-    name = name or space.name
-    storage_uri = storage_path or space.storage_path or DEFAULT_STORAGE
+    where = "--name" if name is not None else f"{space_path}: name"
+    name = space.name if name is None else name
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ConfigError(f"{where} {quote(name)}: an experiment name is one directory under the storage path "
+                          "(letters, digits, '.', '_', '-'; no '/', not starting with '.')")
+    storage_uri = fs.local_path(storage_path or space.storage_path or DEFAULT_STORAGE)
     if not fs.is_uri(storage_uri):
         storage_uri = os.path.abspath(os.path.expanduser(storage_uri))
     experiment_uri = fs.join(storage_uri, name)
@@ -347,16 +355,25 @@ def run_sweep(
     if not resume and exists:
         raise ConfigError(f"{experiment_uri}: already holds a sweep; pass --resume to continue it or --name for a new one")
 
+    if resume:
+        verify(experiment_uri)  # before Tune unpickles anything of the store
+
     import ray
 
     started = not ray.is_initialized()
     connect(ray_address)
     try:
         tuner = _tuner(space, experiment_uri, storage_uri, name, num_samples or space.num_samples, resume)
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        finally:
+            write_seal(experiment_uri)
     finally:
         if started:
             ray.shutdown()
+            from metarec.ray.sessions import forget
+
+            forget()
     unfinished = _unfinished_trials(experiment_path, filesystem)
     if unfinished:  # Ctrl-C: Tune saved the state and returned early
         raise MetaRecError(

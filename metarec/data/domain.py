@@ -177,3 +177,22 @@ def load_domains(root: fs.Location, names: list[str]) -> dict[str, Domain]:
                             "sources and target must be different domains")
         by_sha[sha] = name
     return domains
+
+
+def data_fingerprint(domains: dict[str, "Domain"]) -> dict[str, str]:
+    """{domain name: sha256 of its data file} of loaded domains: what a run records of its data."""
+    return {name: str(d.manifest.get("sha256")) for name, d in sorted(domains.items())}
+
+
+def domain_sha256(root: str, name: str) -> str:
+    """The data checksum `root/name/manifest.json` records (DataError if the domain is not prepared)."""
+    manifest_path = fs.join(root, name, MANIFEST_FILE)
+    if not fs.exists(manifest_path):
+        raise DataError(f"domain {name!r} is not prepared: {manifest_path} does not exist")
+    try:
+        manifest = json.loads(fs.read_text(manifest_path))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{manifest_path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{manifest_path}: expected a JSON object")
+    return str(manifest.get("sha256"))

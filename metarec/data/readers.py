@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from metarec import fs
-from metarec.errors import DataError, quote
+from metarec.errors import DataError, printable, quote
 
 MAX_INPUT_ENV = "METAREC_MAX_INPUT_BYTES"
 PROGRESS_MIN_BYTES = 16 << 20
@@ -343,12 +343,19 @@ def _numeric_column(name: str, table: pa.Table, col: str, what: str) -> np.ndarr
                 expected = "a number" if what == "rating" else "a number or an ISO-8601 time"
                 raise DataError(f"{name}: row {row + 1}: {what} {quote(value)} in column {quote(col)} "
                                 f"is not {expected}") from None
+        elif pa.types.is_date(kind):  # e.g. a CSV column of plain ISO dates, which Arrow reads as dates
+            column = pc.cast(pc.cast(column, pa.timestamp("s")), pa.int64())
         elif pa.types.is_temporal(kind):
             column = pc.cast(column, pa.int64())
         elif not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
             raise pa.ArrowInvalid(f"type {kind}")
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-        raise DataError(f"{name}: {what} column {col!r} is not numeric ({err})") from None
+        raise DataError(f"{name}: {what} column {col!r} is not numeric ({_cut(str(err))})") from None
+    if pa.types.is_floating(column.type):
+        finite = pc.is_finite(column)
+        if not pc.all(finite).as_py():
+            row = int(pc.index(finite, False).as_py())
+            raise DataError(f"{name}: row {row + 1}: {what} {column[row].as_py()} in column {quote(col)} is not a finite number")
     return column.to_numpy(zero_copy_only=False)
 
 
@@ -359,7 +366,18 @@ def _parse_numbers(column: pa.Array, what: str) -> pa.Array:
     try:
         return pc.cast(column, pa.int64())
     except pa.ArrowInvalid:
-        return pc.cast(pc.cast(column, pa.timestamp("s")), pa.int64())
+        pass
+    integer = pc.match_substring_regex(column, r"^[+-]?[0-9]+$")  # each value on its own: a column may mix both
+    if not pc.any(integer).as_py():
+        return _iso_seconds(column)
+    ints = pc.cast(pc.if_else(integer, column, "0"), pa.int64())
+    times = _iso_seconds(pc.if_else(integer, "1970-01-01", column))
+    return pc.if_else(integer, ints, times)
+
+
+def _iso_seconds(column: pa.Array) -> pa.Array:
+    """ISO-8601 dates and times (`2024-01-01`, `2024-01-01T10:00:00`) as int64 seconds."""
+    return pc.cast(pc.cast(column, pa.timestamp("s")), pa.int64())
 
 
 def _first_unparsable(column: pa.Array, what: str) -> int:
@@ -377,7 +395,7 @@ def _first_unparsable(column: pa.Array, what: str) -> int:
 
 def _cut(text: str, limit: int = 300) -> str:
     """An Arrow error (which may quote a whole row) cut to `limit` characters."""
-    text = " ".join(text.split())
+    text = printable(" ".join(text.split()))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -44,6 +44,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from typing import Any
 
 import ray
@@ -212,8 +213,14 @@ def fit_with_ray_train(cfg: Config, out_dir: str, *, local: bool, resume: bool =
     if not fs.is_uri(run_dir):
         os.makedirs(storage_for(run_dir), exist_ok=True)
     # the rendezvous file and the scratch run directories of workers 1..W-1: one folder,
-    # removed when the run ends however it ends (a killed worker cannot clean up after itself)
-    scratch = tempfile.mkdtemp(prefix="metarec-ray-train-")
+    # removed when the run ends however it ends (a killed worker cannot clean up after itself);
+    # on the local instance a hidden temp entry of the run directory, so that the next start
+    # removes what a killed driver left (`metarec.run_dir.clean_stale_temp`)
+    if local and not fs.is_uri(run_dir):
+        scratch = os.path.join(run_dir, f".ray-train-scratch.tmp-{uuid.uuid4().hex}")
+        os.makedirs(scratch)
+    else:
+        scratch = tempfile.mkdtemp(prefix="metarec-ray-train-")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": worker_config(cfg), "out": run_dir, "resume": resume, "kill": _kill_request(), "scratch": scratch},

@@ -6,7 +6,8 @@ private local instance bound to 127.0.0.1 and keeps token auth on: unless
 and, if neither `RAY_AUTH_TOKEN` nor `RAY_AUTH_TOKEN_PATH` is set, a fresh random
 `RAY_AUTH_TOKEN` for this process and the Ray processes it starts. (Left to itself,
 `ray.init()` would also turn token auth on, but would write a token to
-`~/.ray/auth_token` if none exists there.) `RAY_AUTH_MODE=disabled` is respected.
+`~/.ray/auth_token` if none exists there.) Any other `RAY_AUTH_MODE` (`disabled`) is
+refused with one line: an unauthenticated local instance would run anyone's tasks.
 `connect(address)` joins a running cluster: the token then comes from the cluster's
 usual sources (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`, `~/.ray/auth_token`); with
 `auto`, Ray turns token mode on when such a token exists; with an explicit address,
@@ -25,6 +26,7 @@ and the one parser of the test-only fault-injection variables.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from typing import Any
@@ -33,21 +35,20 @@ import ray
 import torch
 
 from metarec.config import Config, absolute_data_root
-from metarec.errors import ConfigError, MetaRecError
+from metarec.errors import ConfigError, MetaRecError, quote
 from metarec.ray import private
 
 LOOPBACK = "127.0.0.1"
 
 
 def enable_local_token_auth() -> bool:
-    """Keep token auth on for a private local Ray instance (module docstring).
+    """Keep token auth on for a private local Ray instance (module docstring); returns True.
 
-    Returns True if token mode is on afterwards (False when the user set
-    `RAY_AUTH_MODE` to another mode, e.g. `disabled`).
-    """
+    ConfigError if `RAY_AUTH_MODE` asks for another mode (e.g. `disabled`)."""
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is not None and mode.lower() != "token":
-        return False
+        raise ConfigError(f"RAY_AUTH_MODE={quote(mode, 40)}: metarec does not start a local Ray instance without token "
+                          "authentication (any local process could run code in it); unset RAY_AUTH_MODE or set it to token")
     os.environ["RAY_AUTH_MODE"] = "token"
     if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
@@ -62,12 +63,34 @@ def connect(address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        with _keep_sigterm_handler():
+            ray.init(address=address, log_to_driver=True)
         return
     enable_local_token_auth()
-    with private.single_machine_mode():
+    from metarec.ray import sessions
+
+    sessions.reap_killed()  # what a killed driver's local instance left
+    with private.single_machine_mode(), _keep_sigterm_handler():
         ray.init(address="local", include_dashboard=False, dashboard_host=LOOPBACK,
                  _node_ip_address=LOOPBACK, log_to_driver=True)
+    sessions.record()
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """Keep the process's SIGTERM handler across `ray.init`, which replaces it with its own
+    (`sys.exit(15)`, behind a native handler that prints a crash trace): the CLI's handler
+    exits 143 after shutting Ray down cleanly."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def worker_config(cfg: Config) -> dict[str, Any]:

@@ -1,0 +1,159 @@
+"""Reaping the private local Ray instance of a metarec driver that was killed.
+
+A driver killed with SIGKILL cannot stop the local Ray instance it started: its GCS,
+raylet, dashboard and runtime-env agents live on for a minute or more (on loopback),
+and the session's folder under Ray's temp dir stays for good. So every driver that
+starts a local instance records it (`record`: its pid and start time, and the Ray
+session name, in `<ray temp dir>/metarec-drivers/`), removes the record when it shuts
+Ray down (`forget`), and, before starting one, reaps the sessions of recorded drivers
+that are gone (`reap_killed`): it ends the processes of *those* sessions only (matched
+by their `--session-name` argument and this user's uid) and deletes their session
+folders. Linux only (reads /proc); elsewhere a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+_SESSION = re.compile(r"^session_[0-9_-]+$")
+_ARG = "--session-name="
+GRACE_S = 5.0
+
+
+def ray_temp_dir() -> str:
+    return os.environ.get("RAY_TMPDIR") or os.path.join(tempfile.gettempdir(), "ray")
+
+
+def _registry() -> str:
+    return os.path.join(ray_temp_dir(), "metarec-drivers")
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (None if it is gone): with the pid,
+    it names one process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _own_pids() -> list[int]:
+    uid = os.getuid()
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{name}").st_uid == uid:
+                    pids.append(int(name))
+    return pids
+
+
+def _session_of_children() -> str | None:
+    """The `--session-name` of a Ray process this process started (its local instance)."""
+    me = str(os.getpid())
+    for pid in _own_pids():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = f.read().rsplit(")", 1)[1].split()[1]
+        except (OSError, IndexError):
+            continue
+        if ppid == me:
+            for arg in _cmdline(pid):
+                if arg.startswith(_ARG) and _SESSION.match(arg[len(_ARG):]):
+                    return arg[len(_ARG):]
+    return None
+
+
+def _record_path() -> str:
+    return os.path.join(_registry(), f"{os.getpid()}.json")
+
+
+def record() -> None:
+    """Record this driver and the session of the local Ray instance it has just started."""
+    if not sys.platform.startswith("linux"):
+        return
+    session = _session_of_children()
+    if session is None:
+        return
+    os.makedirs(_registry(), exist_ok=True)
+    path = _record_path()
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"pid": os.getpid(), "start": _start_time(os.getpid()), "session": session}, f)
+    os.replace(tmp, path)
+
+
+def forget() -> None:
+    """This driver shut its local Ray instance down: nothing to reap."""
+    with contextlib.suppress(OSError):
+        os.unlink(_record_path())
+
+
+def reap_killed() -> list[str]:
+    """End the processes and delete the folders of the local Ray sessions whose recorded
+    driver is gone; returns the sessions reaped."""
+    if not sys.platform.startswith("linux") or not os.path.isdir(_registry()):
+        return []
+    reaped = []
+    for name in sorted(os.listdir(_registry())):
+        path = os.path.join(_registry(), name)
+        try:
+            with open(path) as f:
+                entry = json.load(f)
+            pid, start, session = int(entry["pid"]), entry["start"], str(entry["session"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if _start_time(pid) is not None and _start_time(pid) == start:
+            continue  # its driver is running
+        if _SESSION.match(session):
+            _end_session(session)
+            folder = os.path.join(ray_temp_dir(), session)
+            if os.path.isdir(folder) and not os.path.islink(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+            reaped.append(session)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    if reaped:
+        print(f"reaped {len(reaped)} local Ray instance{'s' if len(reaped) > 1 else ''} left by a killed metarec driver "
+              f"({', '.join(reaped)})", file=sys.stderr, flush=True)
+    return reaped
+
+
+def _session_pids(session: str) -> list[tuple[int, str | None]]:
+    arg = f"{_ARG}{session}"
+    folder = os.path.join(ray_temp_dir(), session) + os.sep
+    return [(pid, _start_time(pid)) for pid in _own_pids()
+            if pid != os.getpid() and any(a == arg or a.startswith(folder) or f"={folder}" in a for a in _cmdline(pid))]
+
+
+def _end_session(session: str) -> None:
+    """SIGTERM the session's processes, then SIGKILL those still there after GRACE_S."""
+    procs = _session_pids(session)
+    for pid, _ in procs:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    while procs and time.monotonic() < deadline:
+        procs = [(pid, start) for pid, start in procs if _start_time(pid) == start]
+        time.sleep(0.05)
+    for pid, start in procs:
+        if _start_time(pid) == start:  # the same process, not a reused pid
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)

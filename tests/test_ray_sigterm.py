@@ -1,0 +1,97 @@
+"""A driver that uses a local Ray instance ends cleanly on SIGTERM (exit 143, without Ray's
+crash trace), and what a SIGKILLed one leaves of its Ray instance is reaped by the next run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_bad_inputs_2 import config
+
+HANG_GUARD_S = 600
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["--ray", "--ray-train"])
+def test_sigterm_exits_143_cleanly(tmp_path, tiny_domains, mode):
+    run, log = tmp_path / "run", tmp_path / "stderr.txt"
+    cfg = config(tmp_path, tiny_domains, max_steps=100_000, eval_every=100_000, checkpoint_every=1)
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "metarec.cli", "train", str(cfg), mode, "--out", str(run),
+                                 "--set", "data.sources=[src-a, src-b]", "--set", "ray.num_workers=2"],
+                                stdout=subprocess.DEVNULL, stderr=err, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + HANG_GUARD_S  # only catches a hung start; the test waits for a state
+        while not any((run / "checkpoints").glob("step-*")):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no step checkpoint in time"
+            time.sleep(0.2)
+        if mode == "--ray-train":  # the rendezvous and scratch folder is a hidden temp entry of the run directory
+            assert [p.name.split(".tmp-")[0] for p in run.glob(".ray-train-scratch.tmp-*")] == [".ray-train-scratch"]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=HANG_GUARD_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+    text = log.read_text()
+    assert proc.returncode == 143, text[-3000:]
+    assert "SIGTERM received" not in text and "Traceback (most recent call last)" not in _driver_lines(text), text[-3000:]
+    assert not (run / ".lock").exists() and not list(run.glob(".ray-train-scratch*"))
+
+
+def _driver_lines(text: str) -> str:
+    """stderr without the lines Ray forwards from its actors (prefixed `(Name pid=N)`)."""
+    return "\n".join(line for line in text.splitlines() if "pid=" not in line)
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    from metarec.ray.sessions import _start_time
+
+    return start is not None and _start_time(pid) == start
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_next_run_reaps_the_ray_instance_of_a_killed_driver(tmp_path, tiny_domains):
+    import json
+
+    from metarec.ray import sessions as ray_sessions
+
+    log = tmp_path / "stderr.txt"
+    cfg = config(tmp_path, tiny_domains, max_steps=100_000, eval_every=100_000, checkpoint_every=1)
+    args = [sys.executable, "-m", "metarec.cli", "train", str(cfg), "--ray", "--set", "data.sources=[src-a, src-b]"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(log, "w") as err:
+        killed = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=err, env=env)
+    record = Path(ray_sessions._registry()) / f"{killed.pid}.json"
+    try:
+        deadline = time.monotonic() + HANG_GUARD_S
+        while not (record.exists() and any((tmp_path / "killed" / "checkpoints").glob("step-*"))):
+            assert killed.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run did not start in time"
+            time.sleep(0.2)
+        session = json.loads(record.read_text())["session"]
+        procs = ray_sessions._session_pids(session)
+        assert procs  # its GCS, raylet, agents and workers
+    finally:
+        killed.kill()  # SIGKILL: nothing of the driver runs, Ray's processes are orphaned
+        killed.wait(timeout=60)
+    folder = Path(ray_sessions.ray_temp_dir()) / session
+    assert folder.is_dir()
+
+    nxt = subprocess.run([*args, "--out", str(tmp_path / "next"), "--set", "train.max_steps=2", "--set", "train.eval_every=2"],
+                         capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
+    assert nxt.returncode == 0, nxt.stderr[-3000:]
+    assert any(line.startswith("reaped ") and "left by a killed metarec driver" in line and session in line
+               for line in nxt.stderr.splitlines()), nxt.stderr[-3000:]
+    assert not [pid for pid, start in procs if _alive(pid, start)]
+    assert not folder.exists() and not record.exists()
+    assert not (Path(ray_sessions._registry()) / f"{os.getpid()}.json").exists()
