@@ -129,6 +129,9 @@ def private_ray(tmp_path_factory):
             yield home
         finally:
             ray.shutdown()
+            from metarec.ray.sessions import forget
+
+            forget()  # this process's record of the instance it shut down (what the CLI does)
     from metarec.ray.private import reset_token_cache
 
     reset_token_cache()  # forget the token mode of this module's instance
