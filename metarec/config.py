@@ -92,6 +92,9 @@ class DataConfig(_Section):
     source_sampling: Literal["uniform", "proportional"] = Field(
         "uniform", description="how tasks draw their source: uniform, or proportional to its number of training windows"
     )
+    first_item_label: bool = Field(
+        False, description="also train on each sequence's first item, predicted from the all-padding input before it (LRURec's training windows)"
+    )
 
     @model_validator(mode="after")
     def _check_domains(self) -> "DataConfig":
@@ -119,6 +122,9 @@ class TrainConfig(_Section):
     batch_size: int = Field(128, ge=1, le=10_000_000, description="target windows per step (per task for MetaRec)")
     lr: float = Field(1e-3, gt=0, description="outer learning rate beta (target-only/joint: the only lr)")
     weight_decay: float = Field(0.01, ge=0, description="decoupled weight decay (adamw) or L2 penalty (adam, sgd)")
+    decay_bias_and_norm: bool = Field(
+        True, description="weight decay on biases and LayerNorm weights too (false: only on the other tensors, as LRURec's code)"
+    )
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="adamw, adam, or sgd (reproduces the paper's Eq. 8)")
     grad_clip: float | None = Field(5.0, gt=0, description="global gradient-norm clip (null: none)")
     max_steps: int = Field(2000, ge=1, le=10**12, description="optimizer steps (meta iterations for MetaRec)")

@@ -28,12 +28,22 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """
     t = cfg.train
     params = list(model.parameters())
+    groups = params if t.decay_bias_and_norm else decay_groups(model, t.weight_decay)
     if t.optimizer == "sgd":  # plain SGD with beta reproduces paper Eq. 8
-        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(groups, lr=t.lr, weight_decay=t.weight_decay)
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+        return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two parameter groups: weight decay on every tensor but biases and LayerNorm weights,
+    none on those (LRURec's optimizer; `train.decay_bias_and_norm: false`)."""
+    exempt = [p for n, p in model.named_parameters() if "bias" in n.split(".") or n.endswith(".bias") or "layer_norm" in n]
+    ids = {id(p) for p in exempt}
+    return [{"params": [p for p in model.parameters() if id(p) not in ids], "weight_decay": weight_decay},
+            {"params": exempt, "weight_decay": 0.0}]
 
 
 def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:

@@ -4,7 +4,8 @@ Training examples cut each training sequence into windows from its end (LRURec/S
 style): a sequence s of n >= 2 items yields windows ending at n, n - L, n - 2L, ...
 (while the end is >= 2); the example of the window ending at e is
 s[max(0, e - L - 1) : e], inputs = example[:-1], labels = example[1:]. Every item but
-the first is thus a label exactly once.
+the first is thus a label exactly once (the first too with `first_item_label`, from the
+all-padding input before it, as LRURec's training windows do).
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ class TrainWindows:
     Row r is example r left-padded to max_len + 1, so a batch is one fancy index.
     """
 
-    def __init__(self, train_seqs: Sequence[np.ndarray], max_len: int):
+    def __init__(self, train_seqs: Sequence[np.ndarray], max_len: int, first_item_label: bool = False):
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         self.max_len = max_len
+        self.first_item_label = first_item_label
         lengths = np.fromiter((len(s) for s in train_seqs), dtype=np.int64, count=len(train_seqs))
         flat = np.concatenate([np.asarray(s, dtype=np.int32) for s in train_seqs]) if len(train_seqs) else np.zeros(0, np.int32)
         seq_start = np.cumsum(lengths) - lengths
@@ -62,10 +64,13 @@ class TrainWindows:
         return self.matrix.shape[0]
 
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels), both LongTensor (B, max_len); labels are 0 where inputs are padding."""
+        """(inputs, labels), both LongTensor (B, max_len); labels are 0 where inputs are
+        padding, except, with `first_item_label`, the sequence's first item, labelled at the
+        padding position just before it (a window that starts the sequence and has room)."""
         example = self.matrix[rows]
         inputs = example[:, :-1].astype(np.int64)
-        labels = np.where(inputs != 0, example[:, 1:], 0).astype(np.int64)
+        labels = example[:, 1:] if self.first_item_label else np.where(inputs != 0, example[:, 1:], 0)
+        labels = labels.astype(np.int64)
         return torch.from_numpy(inputs), torch.from_numpy(labels)
 
     def sample_rows(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
