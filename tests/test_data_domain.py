@@ -157,6 +157,21 @@ def test_train_windows_match_reference_and_label_every_item_once():
     assert torch.equal(inputs > 0, labels > 0)
 
 
+def test_first_item_label_adds_each_sequence_start_predicted_from_padding():
+    seqs = [np.arange(1, 8), np.array([8, 9]), np.array([10, 11, 12]), np.array([13, 14, 15, 16])]
+    plain = TrainWindows(seqs, max_len=3)
+    first = TrainWindows(seqs, max_len=3, first_item_label=True)
+    inputs, labels = first.batch(np.arange(len(first)))
+    plain_inputs, plain_labels = plain.batch(np.arange(len(plain)))
+    assert torch.equal(inputs, plain_inputs)  # the same windows; only labels are added
+    pairs = dict(zip(map(tuple, inputs.tolist()), labels.tolist()))
+    assert pairs[(0, 0, 8)] == [0, 8, 9]  # 8 predicted from an empty input
+    assert pairs[(0, 10, 11)] == [10, 11, 12]
+    assert pairs[(13, 14, 15)] == [14, 15, 16]  # a full window: no room before 13 (as LRURec's windows)
+    assert pairs[(1, 2, 3)] == [2, 3, 4] and pairs[(4, 5, 6)] == [5, 6, 7]
+    assert int((labels > 0).sum()) == int((plain_labels > 0).sum()) + 2
+
+
 def test_sample_rows_is_uniform_without_replacement():
     windows = TrainWindows([np.arange(1, 40)], max_len=2)
     rows = windows.sample_rows(np.random.default_rng(1), 8)

@@ -324,3 +324,21 @@ def test_source_grad_adds_the_rescale_weighted_source_gradient_to_the_outer_grad
         assert set(r.source_grad) == set(r.source_delta) - set(SOURCE_TABLES)
         for name, source_grad in r.source_grad.items():
             torch.testing.assert_close(source_grad, -r.source_delta[name] / alpha)
+
+
+def test_decay_bias_and_norm_false_exempts_biases_and_layer_norms_from_weight_decay():
+    from metarec.models.recommender import Recommender
+    from metarec.optimizer import make_optimizer
+
+    cfg = toy_config(train={"weight_decay": 0.5, "decay_bias_and_norm": False})
+    model = Recommender({"t": 5, "a": 4}, cfg.model)
+    decayed, exempt = make_optimizer(model, cfg).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt_names = sorted(names[id(p)] for p in exempt["params"])
+    assert decayed["weight_decay"] == 0.5 and exempt["weight_decay"] == 0.0
+    assert "bias.t" in exempt_names and "encoder.layer_norm.weight" in exempt_names and "encoder.layer_norm.bias" in exempt_names
+    assert all(n.startswith("bias.") or n.endswith(".bias") or "layer_norm" in n for n in exempt_names)
+    assert "items.t" in {names[id(p)] for p in decayed["params"]}
+    assert len(decayed["params"]) + len(exempt["params"]) == len(names)
+    (single,) = make_optimizer(model, toy_config(train={"weight_decay": 0.5})).param_groups  # the default: one group
+    assert single["weight_decay"] == 0.5
