@@ -35,6 +35,7 @@ from metarec.meta.tasks import TaskSampler
 from metarec.objective import domain_loss
 from metarec.optimizer import clip_check_step, make_optimizer
 from metarec.problem import Problem, build_problem, target_metrics
+from metarec.data.batches import epoch_order_rows
 from metarec.data.domain import data_fingerprint
 from metarec.run_dir import DATA_KEY, RunDir, check_data
 from metarec.runners.local import LocalRunner
@@ -120,7 +121,11 @@ class Trainer:
 
     def _target_only_step(self, step: int) -> dict[str, float]:
         windows = self.problem.windows[self.problem.target]
-        inputs, labels = windows.batch(self._data_shard(windows.sample_rows(self.target_rng, self.cfg.train.batch_size)))
+        if self.cfg.train.batch_order == "epoch":
+            rows = epoch_order_rows(len(windows), self.cfg.train.batch_size, step, self.cfg.seed)
+        else:
+            rows = windows.sample_rows(self.target_rng, self.cfg.train.batch_size)
+        inputs, labels = windows.batch(self._data_shard(rows))
         params = dict(self.model.named_parameters())
         parts = domain_loss(self.model, params, self.problem.target, inputs.to(self.problem.device), labels.to(self.problem.device), target=self.problem.target, fused_ce=True)
         self.optimizer.zero_grad(set_to_none=True)

@@ -206,3 +206,14 @@ def test_synthetic_domains_share_the_planted_chain(tiny_domains):
         on_chain = allowed[concept[pairs[:, 0] - 1], concept[pairs[:, 1] - 1]].mean()
         assert on_chain > 0.7 and on_chain > 2.5 * chance, (name, on_chain, chance)
         assert domain.n_items == len(concept) and 0 < min(len(s) for s in domain.sequences)
+
+
+def test_epoch_order_rows_visit_every_window_once_per_epoch():
+    from metarec.data.batches import epoch_order_rows
+
+    rows = np.concatenate([epoch_order_rows(10, 4, draw, seed=3) for draw in range(5)])  # 2 epochs, batches straddle them
+    assert sorted(rows[:10].tolist()) == list(range(10)) and sorted(rows[10:].tolist()) == list(range(10))
+    assert not np.array_equal(rows[:10], rows[10:])  # reshuffled each epoch
+    assert np.array_equal(epoch_order_rows(10, 4, 3, seed=3), rows[12:16])  # a pure function of the draw
+    assert not np.array_equal(epoch_order_rows(10, 4, 0, seed=4), rows[:4])
+    assert sorted(epoch_order_rows(3, 8, 0, seed=0).tolist()) == [0, 1, 2]  # a batch larger than the domain

@@ -113,3 +113,17 @@ def test_torn_checkpoints_are_skipped_with_a_warning(tiny_domains, tmp_path, cap
     history = [json.loads(line) for line in (torn / "history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in history] == list(range(1, MAX_STEPS + 1))
     assert_same_run(torn, whole)
+
+
+@pytest.mark.parametrize("sources", [[], ["src-a", "src-b"]], ids=["target_only", "metarec"])
+def test_epoch_batch_order_resumes_to_the_uninterrupted_result(tiny_domains, tmp_path, sources):
+    """`train.batch_order: epoch` draws target batches as a pure function of the step, so a
+    run stopped at a checkpoint and resumed ends where the uninterrupted run ends."""
+    cfg = load_config(str(write_config(tmp_path / "c.yaml", tiny_domains, batch_order="epoch", checkpoint_every=2)))
+    cfg.data.sources = sources
+    train(cfg, str(tmp_path / "full"))
+    half = cfg.model_copy(deep=True)
+    half.train.max_steps = MAX_STEPS // 2
+    train(half, str(tmp_path / "resumed"))
+    train(cfg, str(tmp_path / "resumed"), resume=True)
+    assert_same_run(tmp_path / "resumed", tmp_path / "full")

@@ -78,3 +78,25 @@ class TrainWindows:
         if len(self) == 0:
             raise ValueError("no training windows (every training sequence has fewer than 2 items)")
         return rng.choice(len(self), size=min(batch_size, len(self)), replace=False)
+
+
+def epoch_order_rows(size: int, batch_size: int, draw: int, seed: int) -> np.ndarray:
+    """Rows of batch number `draw` when batches walk the windows epoch by epoch.
+
+    The windows are read in the order of a fresh permutation per epoch (epoch e's is
+    seeded by (seed, e)), `batch_size` at a time, so each window is in exactly one batch
+    per epoch (a batch may straddle two epochs). A pure function of its arguments, so a
+    resumed run draws the same batches without saving any state."""
+    if size < 1:
+        raise ValueError("no training windows (every training sequence has fewer than 2 items)")
+    batch_size = min(batch_size, size)
+    start = draw * batch_size
+    index = np.arange(start, start + batch_size, dtype=np.int64)
+    epochs = index // size
+    rows = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed & 0xFFFFFFFF, int(epoch)]).permutation(size)
+        sel = epochs == epoch
+        rows[sel] = perm[index[sel] % size]
+    return rows
+

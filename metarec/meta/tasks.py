@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from metarec.config import Config
+from metarec.data.batches import epoch_order_rows
 from metarec.errors import CheckpointError, DataError
 
 _SEED_MASK = (1 << 64) - 1
@@ -64,6 +65,7 @@ class TaskSampler:
         target_batch_size: int,
         sampling: Literal["uniform", "proportional"] = "uniform",
         seed: int = 0,
+        target_order: Literal["random", "epoch"] = "random",
     ):
         if not sources:
             raise ValueError("TaskSampler needs at least one source domain")
@@ -82,6 +84,7 @@ class TaskSampler:
         self.target_batch_size = target_batch_size
         self.sampling = sampling
         self.seed = seed
+        self.target_order = target_order
         self._rng = np.random.default_rng(np.random.SeedSequence(seed & _SEED_MASK))
 
     @classmethod
@@ -98,6 +101,7 @@ class TaskSampler:
             target_batch_size=cfg.train.batch_size,
             sampling=cfg.data.source_sampling,
             seed=cfg.seed,
+            target_order=cfg.train.batch_order,
         )
 
     def _source_probabilities(self) -> np.ndarray | None:
@@ -119,6 +123,13 @@ class TaskSampler:
             return self._rng.choice(size, size=batch_size, replace=False).astype(np.int64)
         return self._rng.integers(0, size, size=batch_size, dtype=np.int64)
 
+    def _target_rows(self, iteration: int, index: int) -> np.ndarray:
+        """Task `index`'s target batch: drawn anew, or batch number iteration·n + index of the
+        epoch order (`train.batch_order`; `metarec.data.batches.epoch_order_rows`)."""
+        if self.target_order == "epoch":
+            return epoch_order_rows(self.target_size, self.target_batch_size, iteration * self.n_tasks + index, self.seed)
+        return self._draw_rows(self.target_size, self.target_batch_size)
+
     def sample(self, iteration: int) -> list[TaskSpec]:
         """The tasks of outer iteration `iteration`, indexed 0..n-1."""
         specs = []
@@ -129,7 +140,7 @@ class TaskSampler:
                     index=index,
                     source=source,
                     source_rows=self._draw_rows(self.source_sizes[source], self.source_batch_size),
-                    target_rows=self._draw_rows(self.target_size, self.target_batch_size),
+                    target_rows=self._target_rows(iteration, index),
                     seed=task_seed(self.seed, iteration, index),
                 )
             )
