@@ -40,7 +40,7 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two parameter groups: weight decay on every tensor but biases and LayerNorm weights,
     none on those (LRURec's optimizer; `train.decay_bias_and_norm: false`)."""
-    exempt = [p for n, p in model.named_parameters() if "bias" in n.split(".") or n.endswith(".bias") or "layer_norm" in n]
+    exempt = [p for n, p in model.named_parameters() if "bias" in n.split(".") or "layer_norm" in n]
     ids = {id(p) for p in exempt}
     return [{"params": [p for p in model.parameters() if id(p) not in ids], "weight_decay": weight_decay},
             {"params": exempt, "weight_decay": 0.0}]

@@ -15,7 +15,6 @@ import ray
 import torch
 
 from metarec.config import config_from_dict
-from metarec.data.synthetic import generate_domains
 from metarec.errors import DataError, NonFiniteError
 from metarec.ray.driver import FAIL_TASK_ONCE_ENV, RayRunner, WorkerFailedError
 from metarec.ray.session import enable_local_token_auth, worker_config
@@ -31,16 +30,8 @@ def ray_home(private_ray):
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> str:
-    return generate_domains(
-        tmp_path_factory.mktemp("prepared"),
-        names=("src-a", "src-b", "target"),
-        n_users={"src-a": 120, "src-b": 80, "target": 40},
-        n_items={"src-a": 60, "src-b": 48, "target": 32},
-        seq_len={"src-a": 12, "src-b": 12, "target": 6},
-        n_concepts=8,
-        seed=0,
-    )
+def root(tiny_domains_module) -> str:
+    return tiny_domains_module
 
 
 def tiny_config(root: str, **ray_options):

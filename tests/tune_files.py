@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from metarec.data.synthetic import generate_domains
+from conftest import make_tiny_domains
 
 MAX_STEPS, EVAL_EVERY = 40, 5
 N_EVALS = MAX_STEPS // EVAL_EVERY
@@ -52,14 +52,6 @@ def space_dict(base: str, **changes) -> dict:
 
 def make_files(tmp: Path) -> dict[str, str]:
     """Prepared domains, base.yaml and space.yaml in `tmp`; their paths and a sweep store."""
-    root = generate_domains(
-        tmp / "prepared",
-        names=("src-a", "src-b", "target"),
-        n_users={"src-a": 120, "src-b": 80, "target": 40},
-        n_items={"src-a": 60, "src-b": 48, "target": 32},
-        seq_len={"src-a": 12, "src-b": 12, "target": 6},
-        n_concepts=8,
-        seed=0,
-    )
+    root = make_tiny_domains(tmp / "prepared")
     base = write_yaml(tmp / "base.yaml", base_config(str(root)))
     return {"tmp": str(tmp), "base": base, "space": write_yaml(tmp / "space.yaml", space_dict("base.yaml")), "store": str(tmp / "store")}

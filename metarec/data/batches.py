@@ -10,6 +10,7 @@ all-padding input before it, as LRURec's training windows do).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -95,8 +96,15 @@ def epoch_order_rows(size: int, batch_size: int, draw: int, seed: int) -> np.nda
     epochs = index // size
     rows = np.empty(batch_size, dtype=np.int64)
     for epoch in np.unique(epochs):
-        perm = np.random.default_rng([seed & 0xFFFFFFFF, int(epoch)]).permutation(size)
         sel = epochs == epoch
-        rows[sel] = perm[index[sel] % size]
+        rows[sel] = _epoch_permutation(size, seed & 0xFFFFFFFF, int(epoch))[index[sel] % size]
     return rows
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(size: int, seed: int, epoch: int) -> np.ndarray:
+    """The window order of one epoch, drawn once per epoch (not once per batch)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(size)
+    perm.flags.writeable = False
+    return perm
 
