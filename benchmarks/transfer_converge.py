@@ -35,7 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +167,7 @@ def run_jobs(args, jobs: list[dict]) -> list[dict]:
         return rows
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_one, job): job for job in jobs}
-        for future in futures:
+        for future in as_completed(futures):  # write each row as soon as its run ends
             job = futures[future]
             try:
                 row = future.result()
