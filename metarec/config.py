@@ -182,6 +182,10 @@ class RescaleConfig(_Section):
     direction: Literal["source_descent", "paper_literal"] = Field(
         "source_descent", description="similarity of the target gradient with theta - phi (source_descent) or phi - theta (paper_literal)"
     )
+    smoothing: float = Field(
+        0.0, ge=0, lt=1,
+        description="beta of each source's moving average of its similarity relative to the iteration's other tasks, used in the softmax instead of the iteration's own similarity (0 = the paper's per-iteration similarity)",
+    )
 
 
 class RayConfig(_Section):

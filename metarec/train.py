@@ -31,6 +31,7 @@ from metarec.config import Config
 from metarec.errors import CheckpointError, quote
 from metarec.meta.joint import joint_loss
 from metarec.meta.outer import apply_meta_update
+from metarec.meta.rescale import SimilarityState, check_similarity_state
 from metarec.meta.tasks import TaskSampler
 from metarec.objective import domain_loss
 from metarec.optimizer import clip_check_step, make_optimizer
@@ -100,6 +101,7 @@ class Trainer:
         self.state = RunState()
         self.sampler = None if cfg.method == "target_only" else TaskSampler.from_config(cfg, problem.windows)
         self.target_rng = np.random.default_rng(cfg.seed)  # target-only batches
+        self.similarity: SimilarityState = {}  # rescale.smoothing's per-source averages
         self.runner = None
         if cfg.method == "metarec":
             self.runner = runner if runner is not None else LocalRunner(problem.task_context())
@@ -155,7 +157,10 @@ class Trainer:
         results = self.runner.run_tasks(theta, specs)
         self.optimizer.zero_grad(set_to_none=True)
         params = dict(self.model.named_parameters())
-        return apply_meta_update(params, self.optimizer, results, self.cfg, step, reduce=getattr(self.runner, "reduce", None))
+        stats = apply_meta_update(params, self.optimizer, results, self.cfg, step, reduce=getattr(self.runner, "reduce", None),
+                                  similarity=self.similarity)
+        self.similarity = stats.pop("similarity")
+        return stats
 
     # Data-parallel hooks (metarec.ray.ray_train overrides them; here: one process, all data)
 
@@ -181,6 +186,7 @@ class Trainer:
 
     def _state_payload(self) -> dict[str, Any]:
         return {"run": self.state.to_json(), "sampler": self.sampler.state_dict() if self.sampler else None, "target_rng": self.target_rng.bit_generator.state, "config": self.cfg.to_dict(),
+                "similarity": self.similarity,
                 DATA_KEY: data_fingerprint(self.problem.domains)}
 
     def resume(self, run: RunDir | None = None) -> bool:
@@ -212,11 +218,13 @@ class Trainer:
             if self.sampler is not None:
                 self.sampler.load_state_dict(ckpt.state["sampler"])
             self.target_rng.bit_generator.state = ckpt.state["target_rng"]
+            similarity = check_similarity_state(ckpt.state.get("similarity", {}))  # absent in runs before rescale.smoothing
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise CheckpointError(f"{root}: corrupted run state in the newest step checkpoint ({type(err).__name__}: {quote(str(err))})") from None
         if ckpt.torch_rng is not None:
             torch.set_rng_state(ckpt.torch_rng)
         self.state = run
+        self.similarity = similarity
 
     # ------------------------------------------------------------------- loop
 

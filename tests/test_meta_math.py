@@ -10,10 +10,12 @@ from meta_toy import toy_config, toy_sampler, toy_setup
 
 from metarec.meta import (
     TaskSpec,
+    check_similarity_state,
     combine,
     descent_direction,
     inner_loop,
     run_task,
+    smooth_similarities,
     softmax_weights,
     source_loss_options,
     tensor_similarities,
@@ -210,3 +212,50 @@ def test_paper_literal_reverses_the_ranking_of_sources():
     assert shared, "expected tensors both tasks touched with distinct weights"
     for name in shared:
         assert (w_descent[name][0] > w_descent[name][1]) == (w_literal[name][0] < w_literal[name][1])
+
+
+# ------------------------------------------------------------------ smoothed similarity
+
+
+def test_smoothing_zero_is_the_papers_per_iteration_similarity():
+    sims = [{"w": 0.3}, {"w": -0.1}]
+    out, state = smooth_similarities(["a", "b"], sims, [{"w"}, {"w"}], {}, 0.0)
+    assert out is sims and state == {}
+
+
+def test_smoothed_similarity_is_a_moving_average_of_the_centred_values():
+    touched = [{"w", "items.a"}, {"w"}]
+    out1, s1 = smooth_similarities(["a", "b"], [{"w": 0.3, "items.a": 0.9}, {"w": 0.1}], touched, {}, 0.9)
+    assert out1[0]["w"] == pytest.approx(0.1) and out1[1]["w"] == pytest.approx(-0.1)  # first value as is
+    assert out1[0]["items.a"] == 0.9 and "items.a" not in s1["a"]  # a tensor only one task touched: untouched
+    out2, s2 = smooth_similarities(["a", "b"], [{"w": 0.0, "items.a": 0.5}, {"w": 0.2}], touched, s1, 0.9)
+    assert s2["a"]["w"] == pytest.approx(0.9 * 0.1 + 0.1 * -0.1)
+    assert out2[1]["w"] == pytest.approx(0.9 * -0.1 + 0.1 * 0.1)
+    assert s1 == {"a": {"w": pytest.approx(0.1)}, "b": {"w": pytest.approx(-0.1)}}  # the old state is not modified
+    # two tasks of one source share its average; a source absent this iteration keeps its value
+    out3, s3 = smooth_similarities(["a", "a", "c"], [{"w": 0.4}, {"w": 0.2}, {"w": 0.0}], [{"w"}] * 3, s2, 0.5)
+    assert out3[0]["w"] == out3[1]["w"] == s3["a"]["w"] and s3["b"] == s2["b"]
+
+
+def test_smoothing_separates_a_consistently_less_similar_source_from_noise():
+    """Sources a and b are equally aligned with the target, c is 0.05 less, under per-iteration noise
+    (sd 0.1 per task plus a common part): with τ = 0.02 the per-iteration softmax weights jump
+    around, the smoothed ones give c a small weight every iteration once the average has settled."""
+    gen = torch.Generator().manual_seed(0)
+    state, raw_c, smooth_c = {}, [], []
+    for it in range(400):
+        common = float(torch.randn((), generator=gen)) * 0.2
+        sims = [{"w": common + float(torch.randn((), generator=gen)) * 0.1 + shift} for shift in (0.0, 0.0, -0.05)]
+        smoothed, state = smooth_similarities(["a", "b", "c"], sims, [{"w"}] * 3, state, 0.98)
+        if it >= 200:
+            raw_c.append(softmax_weights({i: s["w"] for i, s in enumerate(sims)}, 0.02)[2])
+            smooth_c.append(softmax_weights({i: s["w"] for i, s in enumerate(smoothed)}, 0.02)[2])
+    assert max(smooth_c) < 0.2 < 1 / 3 < max(raw_c)
+    assert sum(smooth_c) / len(smooth_c) < 0.15
+
+
+def test_check_similarity_state_refuses_bad_shapes():
+    assert check_similarity_state({"a": {"w": 0.1}}) == {"a": {"w": 0.1}}
+    for bad in ([], {"a": 1.0}, {"a": {"w": "x"}}, {"a": {"w": float("nan")}}, {"a": {"w": True}}):
+        with pytest.raises(ValueError):
+            check_similarity_state(bad)

@@ -4,8 +4,10 @@ from metarec.meta.inner_loop import inner_loop
 from metarec.meta.joint import joint_loss
 from metarec.meta.outer import apply_meta_update, task_weight
 from metarec.meta.rescale import (
+    check_similarity_state,
     combine,
     descent_direction,
+    smooth_similarities,
     softmax_weights,
     tensor_similarities,
 )
@@ -18,11 +20,13 @@ __all__ = [
     "TaskSampler",
     "TaskSpec",
     "apply_meta_update",
+    "check_similarity_state",
     "combine",
     "descent_direction",
     "inner_loop",
     "joint_loss",
     "run_task",
+    "smooth_similarities",
     "softmax_weights",
     "source_loss_options",
     "task_seed",

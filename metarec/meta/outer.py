@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from metarec.config import Config
-from metarec.meta.rescale import combine
+from metarec.meta.rescale import SimilarityState, combine, smooth_similarities
 from metarec.meta.run_task import TaskResult, source_only_names
 from metarec.optimizer import clip_check_step
 
@@ -102,6 +102,7 @@ def apply_meta_update(
     cfg: Config,
     iteration: int,
     reduce: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] | None = None,
+    similarity: SimilarityState | None = None,
 ) -> dict[str, Any]:
     """One outer update of the live parameters from the iteration's task results.
 
@@ -112,16 +113,23 @@ def apply_meta_update(
     `meta.source_params: persist_inner`, shared tensors with `meta.persist_shared`). Results are processed in task-index order, whatever order they came in.
     `reduce(grad, changes) -> (grad, changes)`: the collective runner's all-reduce, which
     turns each worker's partial sums (its own tasks' tensors) into the totals.
+    `similarity`: the sources' smoothed similarities before this iteration
+    (`rescale.smoothing` > 0, `metarec.meta.rescale.smooth_similarities`).
 
     Returns {"weights": {source: mean `task_weight` of its tasks}, "grad_norm",
-    "source_loss", "vq_loss", "target_loss" (means over tasks), "task_seconds" (sum)}.
+    "source_loss", "vq_loss", "target_loss" (means over tasks), "task_seconds" (sum),
+    "similarity" (the smoothed similarities after this iteration)}.
     """
     results = sorted(results, key=lambda r: r.index)
     if not results:
         raise ValueError(f"no task results for iteration {iteration}")
+    sims, similarity = smooth_similarities(
+        [r.source for r in results], [r.sims for r in results], [r.touched for r in results],
+        similarity or {}, cfg.rescale.smoothing,
+    )
     grad, weights = combine(
         [r.meta_grad for r in results],
-        [r.sims for r in results],
+        sims,
         [r.touched for r in results],
         cfg.rescale.tau,
         cfg.rescale.enabled,
@@ -152,4 +160,5 @@ def apply_meta_update(
         "vq_loss": sum(r.stats["vq_loss"] for r in results) / n,
         "target_loss": sum(r.stats["target_loss"] for r in results) / n,
         "task_seconds": sum(r.stats["seconds"] for r in results),
+        "similarity": similarity,
     }

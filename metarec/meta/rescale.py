@@ -9,7 +9,7 @@ step uses Σ_i w_i^p g_i^p (Eq. 8).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -86,6 +86,65 @@ def softmax_weights(sims: dict[int, float], tau: float) -> dict[int, float]:
     scaled = {i: math.exp((s - top) / tau) for i, s in sims.items()}
     total = sum(scaled.values())
     return {i: v / total for i, v in scaled.items()}
+
+
+SimilarityState = dict[str, dict[str, float]]  # {source: {tensor: smoothed relative similarity}}
+
+
+def smooth_similarities(
+    sources: list[str],
+    sims: list[dict[str, float]],
+    touched: list[set[str]],
+    state: SimilarityState,
+    beta: float,
+) -> tuple[list[dict[str, float]], SimilarityState]:
+    """Each source's moving average of its *relative* similarity, used in place of s_i^p in Eq. (7).
+
+    Not in the paper (docs/design.md §4, `rescale.smoothing`). One iteration's cosines are
+    noisy and share a large common part (every task is measured at the same θ), so the
+    per-iteration softmax of Eq. (7) cannot tell a source that is consistently less aligned
+    with the target from noise. Per tensor p touched by at least two tasks, the tasks'
+    similarities are centred on their mean (the softmax of Eq. (7) is shift-invariant, so
+    only these differences ever mattered); each source's mean centred value x_s^p this
+    iteration updates m_s^p ← β m_s^p + (1 − β) x_s^p (the first value as is), and every
+    task of source s gets s_i^p = m_s^p. Tensors touched by one task keep their own
+    similarity (its weight is 1 whatever it is). `beta = 0` returns `sims` unchanged.
+
+    Lists are aligned by task (task i is position i); `state` is not modified. Returns
+    (the similarities to weight with, the new state).
+    """
+    if beta == 0:
+        return sims, state
+    new_state = {s: dict(v) for s, v in state.items()}
+    out = [dict(s) for s in sims]
+    for name in sorted(set().union(*touched)):
+        tasks = [i for i, t in enumerate(touched) if name in t]
+        if len(tasks) < 2:
+            continue
+        mean = sum(sims[i].get(name, 0.0) for i in tasks) / len(tasks)
+        centred: dict[str, list[float]] = {}
+        for i in tasks:
+            centred.setdefault(sources[i], []).append(sims[i].get(name, 0.0) - mean)
+        for source, values in centred.items():
+            x = sum(values) / len(values)
+            old = new_state.setdefault(source, {}).get(name)
+            new_state[source][name] = x if old is None else beta * old + (1 - beta) * x
+        for i in tasks:
+            out[i][name] = new_state[sources[i]][name]
+    return out, new_state
+
+
+def check_similarity_state(state: Any) -> SimilarityState:
+    """`state` if it is a {source: {tensor: finite number}} mapping, else ValueError naming the bad entry."""
+    if not isinstance(state, dict):
+        raise ValueError(f"similarity state is a {type(state).__name__}, expected a mapping")
+    for source, tensors in state.items():
+        if not isinstance(tensors, dict):
+            raise ValueError(f"similarity of {source!r} is a {type(tensors).__name__}, expected a mapping")
+        for name, value in tensors.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"similarity of {source!r} on {name!r} is {value!r}, expected a finite number")
+    return state
 
 
 def combine(
