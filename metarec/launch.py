@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from metarec import fs
+from metarec.callbacks import Callback
 from metarec.config import Config
 from metarec.errors import ConfigError
 from metarec.run_dir import open_run
@@ -43,7 +44,7 @@ def run(
     *,
     refuse_existing: bool = True,
     check_capacity: bool = True,
-    on_eval: Callable[[dict, Any], None] | None = None,
+    callbacks: Sequence[Callback] = (),
     config_path: str | None = None,
 ) -> dict[str, Any]:
     """Train `cfg` into the run directory `out` in `mode` (one of MODES); returns the
@@ -51,9 +52,12 @@ def run(
     (an explicit --workers) sets `ray.num_workers`: on Ray Train it must fit, the driver
     runner on a local Ray lowers it to what fits (with a notice); `check_capacity=False`
     skips the placement check where the workers' resources are already reserved (a Tune
-    trial); `config_path` names the config in the CPU-time warning of a local run."""
+    trial); `config_path` names the config in the CPU-time warning of a local run;
+    `callbacks` (local and driver modes: they run in this process) go to the Trainer."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
+    if callbacks and mode in ("collective", "ray_train"):
+        raise ValueError(f"mode {mode!r} runs the Trainer on Ray Train workers: no callbacks from this process")
     out = fs.local_path(out)  # file:// is a local path: same lock and atomic writes
     if workers is not None:
         if workers < 1:
@@ -77,19 +81,19 @@ def run(
 
         _connect(cfg, address, exact=False, check=check_capacity)
         runner_factory = ray_runner_factory(address=address)
-    return fit_in_run_dir(cfg, out, resume=resume, refuse_existing=refuse_existing, runner_factory=runner_factory, on_eval=on_eval)
+    return fit_in_run_dir(cfg, out, resume=resume, refuse_existing=refuse_existing, runner_factory=runner_factory, callbacks=callbacks)
 
 
 def fit_in_run_dir(cfg: Config, out: str, *, resume: bool = False, refuse_existing: bool = False,
-                   runner_factory: Callable | None = None, on_eval: Callable | None = None) -> dict[str, Any]:
+                   runner_factory: Callable | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """The Trainer of `cfg` in the opened (locked, checked: `metarec.run_dir.open_run`) run
     directory `out`; returns the final metrics. `runner_factory(problem)`: MetaRec's runner
-    (default: in-process)."""
+    (default: in-process); `callbacks`: the Trainer's (`metarec.callbacks`)."""
     from metarec.train import Trainer
 
     out = fs.local_path(out)
     with open_run(out, cfg, resume=resume, refuse_existing=refuse_existing):
-        return Trainer.from_config(cfg, out, runner_factory, on_eval).fit(resume=resume)
+        return Trainer.from_config(cfg, out, runner_factory, callbacks=callbacks).fit(resume=resume)
 
 
 def _connect(cfg: Config, address: str | None, *, exact: bool, check: bool) -> bool:

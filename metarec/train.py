@@ -13,6 +13,11 @@ The trainer takes a `Problem` (data + model + device, `metarec.problem`), a run
 directory (`metarec.run_dir.RunDir`, which owns every file it writes) and, for MetaRec,
 a runner (`LocalRunner` by default, or `RayRunner`). `metarec.launch` opens the run
 directory (lock, start/resume checks) and builds all three from a config.
+
+It is extended in one way, never by a subclass: a data-parallel `strategy`
+(`metarec.parallel`: which rows of a batch this process takes, how its gradients are
+averaged; `SingleProcess` by default) and a list of `callbacks` (`metarec.callbacks`:
+called at the start of each step, with its row, after each validation, at its end).
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from metarec.callbacks import Callback
 from metarec.checkpoint import Checkpoint, check_optimizer_state, restore_model
 from metarec.config import Config
 from metarec.errors import CheckpointError, quote
@@ -35,6 +41,7 @@ from metarec.meta.rescale import SimilarityState, check_similarity_state
 from metarec.meta.tasks import TaskSampler
 from metarec.objective import domain_loss
 from metarec.optimizer import clip_check_step, make_optimizer
+from metarec.parallel import SingleProcess, Strategy
 from metarec.problem import Problem, build_problem, target_metrics
 from metarec.data.batches import epoch_order_rows
 from metarec.data.domain import data_fingerprint
@@ -80,8 +87,9 @@ class Trainer:
     """The loop of one run over `problem`, writing into `run_dir`.
 
     `runner` (MetaRec only): runs each iteration's tasks (`run_tasks(params, specs)`,
-    `close()`); default `LocalRunner` on the problem's task context. `on_eval` is called
-    after every validation with the history row and the trainer (Tune reports there).
+    `close()`); default `LocalRunner` on the problem's task context. `strategy`: how the
+    data-parallel processes share a batch (`metarec.parallel`; default `SingleProcess`).
+    `callbacks`: `metarec.callbacks.Callback`s, called in order during `fit`.
     """
 
     def __init__(
@@ -89,11 +97,14 @@ class Trainer:
         problem: Problem,
         run_dir: str | RunDir,
         runner: Any = None,
-        on_eval: Callable[[dict[str, Any], "Trainer"], None] | None = None,
+        *,
+        strategy: Strategy | None = None,
+        callbacks: Sequence[Callback] = (),
     ):
         self.problem = problem
         self.cfg = cfg = problem.cfg
-        self.on_eval = on_eval
+        self.strategy = strategy if strategy is not None else SingleProcess()
+        self.callbacks = list(callbacks)
         self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         self.out = self.run.uri
         self.model = problem.model
@@ -112,12 +123,14 @@ class Trainer:
         cfg: Config,
         run_dir: str | RunDir,
         runner_factory: Callable[[Problem], Any] | None = None,
-        on_eval: Callable[[dict[str, Any], "Trainer"], None] | None = None,
+        *,
+        strategy: Strategy | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> "Trainer":
         """Build the problem of `cfg` and, for MetaRec, the runner `runner_factory(problem)`."""
         problem = build_problem(cfg)
         runner = runner_factory(problem) if runner_factory is not None and cfg.method == "metarec" else None
-        return cls(problem, run_dir, runner, on_eval)
+        return cls(problem, run_dir, runner, strategy=strategy, callbacks=callbacks)
 
     # ------------------------------------------------------------------ steps
 
@@ -127,7 +140,7 @@ class Trainer:
             rows = epoch_order_rows(len(windows), self.cfg.train.batch_size, step, self.cfg.seed)
         else:
             rows = windows.sample_rows(self.target_rng, self.cfg.train.batch_size)
-        inputs, labels = windows.batch(self._data_shard(rows))
+        inputs, labels = windows.batch(self.strategy.shard(rows))
         params = dict(self.model.named_parameters())
         parts = domain_loss(self.model, params, self.problem.target, inputs.to(self.problem.device), labels.to(self.problem.device), target=self.problem.target, fused_ce=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -135,7 +148,8 @@ class Trainer:
         return self._finish_step(parts.total, step, {"target_loss": parts.rec.detach()})
 
     def _joint_step(self, step: int) -> dict[str, float]:
-        specs = [replace(s, source_rows=self._data_shard(s.source_rows), target_rows=self._data_shard(s.target_rows))
+        shard = self.strategy.shard
+        specs = [replace(s, source_rows=shard(s.source_rows), target_rows=shard(s.target_rows))
                  for s in self.sampler.sample(step)]
         params = dict(self.model.named_parameters())
         loss, stats = joint_loss(self.model, params, specs, self.problem.task_context())
@@ -144,8 +158,9 @@ class Trainer:
         return self._finish_step(loss, step, stats)
 
     def _finish_step(self, loss: torch.Tensor, step: int, stats: dict[str, Any]) -> dict[str, float]:
-        """Check, clip (`train.grad_clip`), step; tensor stats come to the host in one transfer."""
-        self._sync_grads()
+        """Average over the processes, check, clip (`train.grad_clip`), step; tensor stats
+        come to the host in one transfer."""
+        self.strategy.sync_grads(self.model.parameters(), step)
         clip_check_step(dict(self.model.named_parameters()), self.optimizer, self.cfg.train.grad_clip, step, loss=loss)
         keys = [k for k, v in stats.items() if isinstance(v, torch.Tensor)]
         loss_value, *values = torch.stack([loss.detach(), *(stats[k] for k in keys)]).cpu().tolist()
@@ -161,18 +176,6 @@ class Trainer:
                                   similarity=self.similarity)
         self.similarity = stats.pop("similarity")
         return stats
-
-    # Data-parallel hooks (metarec.ray.ray_train overrides them; here: one process, all data)
-
-    def _data_shard(self, rows: np.ndarray) -> np.ndarray:
-        """This process's share of a batch's rows."""
-        return rows
-
-    def _sync_grads(self) -> None:
-        """Average the gradients over the data-parallel processes (before clip and step)."""
-
-    def _after_step(self, row: dict[str, Any]) -> None:
-        """Called after every step's history row (and checkpoint) is written."""
 
     def step(self, step: int) -> dict[str, Any]:
         self.model.train()
@@ -229,14 +232,20 @@ class Trainer:
     # ------------------------------------------------------------------- loop
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train from the current state to `train.max_steps` (or an early stop), then test;
+        returns the final metrics. `resume`: first restore this run's newest step checkpoint
+        (a state restored before the call, `resume(run)` or `restore`, is continued too)."""
         cfg = self.cfg
-        resumed = resume and self.resume()  # refuses a checkpoint it cannot continue before anything is written
+        if resume:
+            self.resume()  # refuses a checkpoint it cannot continue before anything is written
         self.run.write_config(cfg)
-        if resumed:
+        if self.state.step:  # resumed here, or restored before `fit` (a restarted Ray Train worker)
             _log(f"resumed {self.out} at step {self.state.step}")
         bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, disable=not cfg.train.progress, desc=f"{cfg.name} [{cfg.method}]", dynamic_ncols=True)
         while self.state.step < cfg.train.max_steps:
             step = self.state.step
+            for callback in self.callbacks:
+                callback.on_step_begin(step, self)
             t_step = time.perf_counter()
             replaced = getattr(self.runner, "worker_replacements", 0)
             info = self.step(step)
@@ -245,6 +254,8 @@ class Trainer:
             row = {"step": step + 1, **{k: v for k, v in info.items() if isinstance(v, (int, float, dict))}}
             if getattr(self.runner, "worker_replacements", 0) > replaced:  # Ray workers lost this step
                 row["worker_replacements"] = self.runner.worker_replacements - replaced
+            for callback in self.callbacks:
+                callback.on_step_row(row, self)
             bar.update(1)
             bar.set_postfix(loss=f"{info.get('loss', info.get('target_loss', float('nan'))):.4f}", refresh=False)
             stop = False
@@ -269,9 +280,11 @@ class Trainer:
             if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
                 self.run.write_history(self.state.history)
                 self.run.save_step(step + 1, self.model, self.optimizer, self._state_payload(), cfg.train.keep_checkpoints)
-            if "val" in row and self.on_eval is not None:
-                self.on_eval(row, self)
-            self._after_step(row)
+            if "val" in row:
+                for callback in self.callbacks:
+                    callback.on_eval(row, self)
+            for callback in self.callbacks:
+                callback.on_step_end(row, self)
             if stop:
                 _log(f"early stop at step {step + 1}: no improvement in {cfg.train.patience} evaluations")
                 break
@@ -304,11 +317,11 @@ def _weights_over_time(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"step": r["step"], **r["weights"]} for r in history if isinstance(r.get("weights"), dict)]
 
 
-def train(cfg: Config, out_dir: str, *, resume: bool = False, runner_factory=None, on_eval=None,
+def train(cfg: Config, out_dir: str, *, resume: bool = False, runner_factory=None, callbacks: Sequence[Callback] = (),
           refuse_existing: bool = False) -> dict[str, Any]:
     """Train per `cfg` into `out_dir` in this process (`metarec.launch.fit_in_run_dir`, which
     opens the run directory); returns the final metrics the run directory records.
     `refuse_existing`: refuse a directory holding a started run."""
     from metarec.launch import fit_in_run_dir
 
-    return fit_in_run_dir(cfg, out_dir, resume=resume, refuse_existing=refuse_existing, runner_factory=runner_factory, on_eval=on_eval)
+    return fit_in_run_dir(cfg, out_dir, resume=resume, refuse_existing=refuse_existing, runner_factory=runner_factory, callbacks=callbacks)

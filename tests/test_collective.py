@@ -11,6 +11,7 @@ import json
 import os
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,6 +88,16 @@ class ThreadSum:
         return Member()
 
 
+def in_threads(world: int, worker, timeout: float) -> None:
+    """`worker(rank)` for every rank, each in its own thread; returns when all are joined
+    (or `timeout` seconds each have passed)."""
+    threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+
+
 def steps(cfg, factory=None, lock=None) -> tuple[dict[str, torch.Tensor], list[dict]]:
     with lock or threading.Lock():  # the model's seeded init uses torch's global RNG
         trainer = Trainer.from_config(cfg, "unused", factory)
@@ -111,15 +122,34 @@ def test_collective_update_equals_the_driver_update_in_threads(root, world, monk
         comm = group.member(rank)
         out[rank] = steps(tiny_config(root), lambda problem: CollectiveRunner(problem.task_context(), comm), lock)
 
-    threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    in_threads(world, worker, timeout=300)
     for rank in range(world):
         assert out[rank] is not None, f"worker {rank} did not finish"
         assert_close(out[rank][0], want_params)
         assert_same_weights(out[rank][1], want_weights)
+
+
+def test_data_parallel_takes_its_rows_and_averages_the_gradients_in_threads():
+    """`DataParallel` (the Trainer's strategy on Ray Train): worker r takes rows r::W, and
+    after `sync_grads` every worker holds the mean of the workers' gradients."""
+    world, group = 2, ThreadSum(2)
+    grads = [[torch.full((2, 3), float(rank + 1)), torch.arange(4.0) * (rank + 1)] for rank in range(world)]
+    params = [[torch.nn.Parameter(torch.zeros_like(g)) for g in grads[rank]] + [torch.nn.Parameter(torch.zeros(1))]
+              for rank in range(world)]  # the last one has no gradient: left alone
+    strategies = [collective.DataParallel(group.member(rank)) for rank in range(world)]
+
+    def worker(rank: int) -> None:
+        for p, g in zip(params[rank], grads[rank]):
+            p.grad = g.clone()
+        strategies[rank].sync_grads(params[rank], step=0)
+
+    in_threads(world, worker, timeout=120)
+    for rank in range(world):
+        assert torch.equal(params[rank][0].grad, torch.full((2, 3), 1.5))
+        assert torch.equal(params[rank][1].grad, torch.arange(4.0) * 1.5)
+        assert params[rank][2].grad is None
+    rows = np.arange(7)
+    assert [strategies[rank].shard(rows).tolist() for rank in range(world)] == [[0, 2, 4, 6], [1, 3, 5]]
 
 
 # ------------------------------------------------------------------ on Ray Train

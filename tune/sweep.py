@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from metarec import fs
+from metarec.callbacks import Callback
 from metarec.config import NAME_PATTERN, dump_config
 from metarec.errors import ConfigError, MetaRecError, quote
 from metarec.run_dir import METRICS_FILE, RunDir
@@ -60,26 +61,32 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def _report(row: dict[str, Any], trainer, *, run_dir: str, metric: str) -> None:
-    """`on_eval` hook: report the validation metrics with a checkpoint of the run's state."""
-    from ray import tune as ray_tune
+class TuneReport(Callback):
+    """The trial's Trainer callback: after every validation, report the validation metrics
+    (`metric` and its best so far) to Tune with a checkpoint of the run `run_dir`'s state."""
 
-    step = row["step"]
-    evals = [r for r in trainer.state.history if "val" in r]
-    best = max(evals, key=lambda r: r["val"][metric])
-    metrics = {**{k: v for k, v in row["val"].items() if k != "n_users"}, "step": step, f"best_{metric}": best["val"][metric], "best_step": best["step"]}
-    run = RunDir(run_dir)
-    step_dirs = dict(run.step_checkpoints())
-    if step not in step_dirs:  # the last step of a run that is not a multiple of eval_every
-        ray_tune.report(metrics)
-        return
-    staging = tempfile.mkdtemp(prefix="metarec-tune-")
-    try:  # the checkpoints folder, as Tune's checkpoint: the newest step-N and best
-        _copy_tree(step_dirs[step], os.path.join(staging, os.path.basename(step_dirs[step])))
-        _copy_tree(run.best_uri, os.path.join(staging, os.path.basename(run.best_uri)))
-        ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(staging))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    def __init__(self, run_dir: str, metric: str):
+        self.run_dir, self.metric = run_dir, metric
+
+    def on_eval(self, row: dict[str, Any], trainer) -> None:
+        from ray import tune as ray_tune
+
+        step, metric = row["step"], self.metric
+        evals = [r for r in trainer.state.history if "val" in r]
+        best = max(evals, key=lambda r: r["val"][metric])
+        metrics = {**{k: v for k, v in row["val"].items() if k != "n_users"}, "step": step, f"best_{metric}": best["val"][metric], "best_step": best["step"]}
+        run = RunDir(self.run_dir)
+        step_dirs = dict(run.step_checkpoints())
+        if step not in step_dirs:  # the last step of a run that is not a multiple of eval_every
+            ray_tune.report(metrics)
+            return
+        staging = tempfile.mkdtemp(prefix="metarec-tune-")
+        try:  # the checkpoints folder, as Tune's checkpoint: the newest step-N and best
+            _copy_tree(step_dirs[step], os.path.join(staging, os.path.basename(step_dirs[step])))
+            _copy_tree(run.best_uri, os.path.join(staging, os.path.basename(run.best_uri)))
+            ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(staging))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def metarec_trial(config: dict[str, Any], *, space: SearchSpace, experiment_uri: str) -> None:
@@ -114,7 +121,7 @@ def metarec_trial(config: dict[str, Any], *, space: SearchSpace, experiment_uri:
         resume=checkpoint is not None,
         refuse_existing=False,
         check_capacity=False,
-        on_eval=lambda row, trainer: _report(row, trainer, run_dir=run_dir, metric=space.metric),
+        callbacks=[TuneReport(run_dir, space.metric)],
     )
 
 

@@ -6,7 +6,8 @@
 - `private`: every private Ray API, behind one version check;
 - `capacity`: can the cluster place the run's workers? (checked before training);
 - `driver`: the driver runner (`RayRunner`, `SourceTaskWorker` actors);
-- `collective`: the collective runner and the one flat all-reduce;
+- `collective`: the collective runner, the data-parallel strategy and the one flat
+  all-reduce;
 - `ray_train`: the training loop on Ray Train workers (collective MetaRec, data-parallel
   baselines).
 

@@ -20,13 +20,16 @@ all-reduce differs (parameters agree within 1e-6 after 3 iterations, tests/test_
 Task i runs on worker i mod W. A `Collective` is anything with `rank`, `world`, `device`
 and `all_reduce(tensor, iteration)` (in-place sum); `metarec.ray.ray_train` provides one
 on Ray Train's torch process group. `all_reduce_flat` is the one pack → all-reduce →
-unpack of a list of tensors (the meta update here, the data-parallel gradients there).
+unpack of a list of tensors: of the meta update here, and of the gradients of
+`DataParallel`, the Trainer's data-parallel strategy (`metarec.parallel`) on a Collective
+(target-only and joint training on Ray Train workers).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Iterable, Protocol
 
+import numpy as np
 import torch
 
 from metarec.meta.run_task import TaskContext, TaskResult, run_task
@@ -55,6 +58,28 @@ def all_reduce_flat(parts: list[torch.Tensor], comm: Collective, iteration: int)
         out.append(flat[offset: offset + part.numel()].view(part.shape))
         offset += part.numel()
     return out
+
+
+class DataParallel:
+    """The Trainer's strategy (`metarec.parallel.Strategy`) on W workers of `comm`, as DDP
+    does: each takes rows `rank::W` of the batch every worker drew alike, and the gradients
+    are averaged (one flat all-reduce, divided by W) before the one clip and step."""
+
+    def __init__(self, comm: Collective):
+        self.comm = comm
+
+    def shard(self, rows: np.ndarray) -> np.ndarray:
+        return rows[self.comm.rank:: self.comm.world]
+
+    def sync_grads(self, params: Iterable[torch.nn.Parameter], step: int) -> None:
+        with_grad = [p for p in params if p.grad is not None]
+        if not with_grad:
+            return
+        totals = all_reduce_flat([p.grad for p in with_grad], self.comm, step)
+        if self.comm.world == 1:
+            return
+        for p, total in zip(with_grad, totals):
+            p.grad.copy_(total / self.comm.world)
 
 
 def task_owner(position: int, world: int) -> int:

@@ -1,14 +1,15 @@
 """The whole training loop on Ray Train workers: data-parallel baselines and collective MetaRec.
 
 `metarec train CONFIG --ray-train --workers N` (or `--ray` with `ray.mode: collective`)
-runs `Trainer` on N `ray.train.torch.TorchTrainer` workers that share one torch process
-group (gloo on CPU, NCCL on GPU):
+runs the plain `Trainer` on N `ray.train.torch.TorchTrainer` workers that share one torch
+process group (gloo on CPU, NCCL on GPU), each with the data-parallel strategy
+`DataParallel` and the callback `RayTrainReport` (no subclass):
 
-- target-only and joint training: every worker draws the same batch (same seeded RNG),
-  takes its rows `rank::N`, and the gradients are averaged over the workers before the
-  one clip + optimizer step, as DDP does (an explicit all-reduce, since the losses are
-  computed functionally and never call a DDP module's forward). With N = 1 this is the
-  local run, step for step;
+- target-only and joint training (`DataParallel`, metarec.ray.collective): every worker
+  draws the same batch (same seeded RNG), takes its rows `rank::N`, and the gradients are
+  averaged over the workers before the one clip + optimizer step, as DDP does (an
+  explicit all-reduce, since the losses are computed functionally and never call a DDP
+  module's forward). With N = 1 this is the local run, step for step;
 - MetaRec: `CollectiveRunner` (metarec.ray.collective): each worker runs its tasks,
   the workers exchange the similarity scalars and all-reduce the weighted meta gradients,
   and every worker applies the same outer step.
@@ -17,8 +18,9 @@ Every worker holds a replica of θ and the optimizer and evaluates it (identical
 replicas, so the early-stopping decisions agree); worker 0 writes the run directory
 (the local run's layout, `metarec.run_dir`), the others a
 scratch directory. After each step every worker calls `ray.train.report` with the step's
-history row; at a step checkpoint worker 0 attaches it as a `ray.train.Checkpoint` (the
-same safetensors + JSON directory). The driver receives these metrics, never tensors.
+history row (`RayTrainReport`, a `metarec.callbacks.Callback`); at a step checkpoint
+worker 0 attaches it as a `ray.train.Checkpoint` (the same safetensors + JSON
+directory). The driver receives these metrics, never tensors.
 
 Faults: `RunConfig(failure_config=FailureConfig(max_failures=ray.max_task_retries))`. When
 a worker dies, Ray Train restarts the worker group and `ray.train.get_checkpoint()` hands
@@ -51,11 +53,12 @@ import ray
 import torch
 
 from metarec import fs
+from metarec.callbacks import Callback
 from metarec.checkpoint import load_checkpoint
 from metarec.config import Config, config_from_dict
 from metarec.errors import ConfigError
-from metarec.problem import build_problem, resolve_device
-from metarec.ray.collective import CollectiveRunner, all_reduce_flat
+from metarec.problem import resolve_device
+from metarec.ray.collective import CollectiveRunner, DataParallel
 from metarec.ray.driver import WorkerFailedError
 from metarec.ray.private import loopback_torch_config
 from metarec.ray.session import error_line, fault_request, set_worker_threads, user_error, worker_config
@@ -98,61 +101,52 @@ class ProcessGroupCollective:
 # ------------------------------------------------------------------ the trainer on a worker
 
 
-class RayTrainTrainer(Trainer):
-    """`Trainer` as one of W data-parallel Ray Train workers (module docstring)."""
+class RayTrainReport(Callback):
+    """A worker's steps, in its history rows and to Ray Train: each row gets the step's
+    time, the bytes of the collective `comm` and, in the first step after Ray Train
+    restarted the worker group (`restarted`), `worker_replacements`; then every worker
+    reports the row with `ray.train.report`, worker 0 with the step checkpoint when one
+    was saved."""
 
-    def __init__(self, cfg: Config, out_dir: str, run_dir: str, comm: ProcessGroupCollective, resume_run: bool):
+    def __init__(self, comm: ProcessGroupCollective, restarted: bool = False):
         self.comm = comm
-        self.run_dir = run_dir
-        self.resume_run = resume_run
-        self._restarted = False
-        problem = build_problem(cfg)
-        runner = CollectiveRunner(problem.task_context(), comm) if cfg.method == "metarec" else None
-        super().__init__(problem, out_dir, runner)
+        self.restarted = restarted
+        self._start, self._ring_bytes, self._payload_bytes = 0.0, 0.0, 0
 
-    def _data_shard(self, rows):
-        return rows[self.comm.rank:: self.comm.world]
+    def on_step_begin(self, step: int, trainer: Trainer) -> None:
+        self._start, self._ring_bytes, self._payload_bytes = time.perf_counter(), self.comm.ring_bytes, self.comm.payload_bytes
 
-    def _sync_grads(self) -> None:
-        with_grad = [p for p in self.model.parameters() if p.grad is not None]
-        if not with_grad:
-            return
-        totals = all_reduce_flat([p.grad for p in with_grad], self.comm, self.state.step)
-        if self.comm.world == 1:
-            return
-        for p, total in zip(with_grad, totals):
-            p.grad.copy_(total / self.comm.world)
+    def on_step_row(self, row: dict[str, Any], trainer: Trainer) -> None:
+        row["step_seconds"] = time.perf_counter() - self._start
+        row["bytes_per_worker"] = self.comm.ring_bytes - self._ring_bytes
+        row["collective_payload_bytes"] = self.comm.payload_bytes - self._payload_bytes
+        if self.restarted:  # Ray Train replaced the whole worker group before this step
+            row["worker_replacements"], self.restarted = self.comm.world, False
 
-    def step(self, step: int) -> dict[str, Any]:
-        start, bytes_before = time.perf_counter(), self.comm.ring_bytes
-        payload_before = self.comm.payload_bytes
-        info = super().step(step)
-        info["step_seconds"] = time.perf_counter() - start
-        info["bytes_per_worker"] = self.comm.ring_bytes - bytes_before
-        info["collective_payload_bytes"] = self.comm.payload_bytes - payload_before
-        if self._restarted:  # Ray Train replaced the whole worker group before this step
-            info["worker_replacements"], self._restarted = self.comm.world, False
-        return info
-
-    def resume(self, root: str | None = None) -> bool:
-        """From Ray Train's checkpoint after a restart; else (`--resume`) from the run directory."""
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as path:
-                self.restore(load_checkpoint(path), ckpt.path, where=self.run_dir)
-            self._restarted = True
-            return True
-        return self.resume_run and super().resume(RunDir(self.run_dir))
-
-    def _after_step(self, row: dict[str, Any]) -> None:
-        tag = self.run.step_uri(row["step"])
+    def on_step_end(self, row: dict[str, Any], trainer: Trainer) -> None:
+        every = trainer.cfg.train.checkpoint_every
         checkpoint = None
-        if self.comm.rank == 0 and self.cfg.train.checkpoint_every and row["step"] % self.cfg.train.checkpoint_every == 0:
+        if self.comm.rank == 0 and every and row["step"] % every == 0:
+            tag = trainer.run.step_uri(row["step"])
             checkpoint = ray.train.Checkpoint(tag) if fs.is_uri(tag) else ray.train.Checkpoint.from_directory(tag)
         row["bytes_to_driver"] = len(json.dumps(row)) + 32  # the report's metrics, as JSON (+ this key)
         start = time.perf_counter()
         ray.train.report(row, checkpoint=checkpoint)
         row["report_seconds"] = time.perf_counter() - start  # in the run's history, not in the report
+
+
+def restore_worker(trainer: Trainer, run_dir: str, resume: bool) -> bool:
+    """Before `fit`: after Ray Train restarted the worker group, its last reported
+    checkpoint; else, with `resume` (--resume), the newest step checkpoint of the run
+    directory `run_dir` (worker 0's, on every worker). True after a restart."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as path:
+            trainer.restore(load_checkpoint(path), ckpt.path, where=run_dir)
+        return True
+    if resume:
+        trainer.resume(RunDir(run_dir))
+    return False
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -171,8 +165,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     comm_device = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
     comm = ProcessGroupCollective(rank, world, comm_device, kill_at)
     try:
-        trainer = RayTrainTrainer(cfg, loop_config["out"] if rank == 0 else scratch, loop_config["out"], comm, loop_config["resume"])
-        trainer.fit(resume=True)
+        report = RayTrainReport(comm)
+        trainer = Trainer.from_config(cfg, loop_config["out"] if rank == 0 else scratch,
+                                      lambda problem: CollectiveRunner(problem.task_context(), comm),
+                                      strategy=DataParallel(comm), callbacks=[report])
+        report.restarted = restore_worker(trainer, loop_config["out"], loop_config["resume"])
+        trainer.fit()
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
