@@ -71,15 +71,27 @@ def record(args) -> list[dict]:
     return rows
 
 
+def centred(rows: list[dict]) -> list[float]:
+    """Each task's cosine minus the mean of its iteration's tasks: what Eq. (7)'s softmax sees."""
+    means: dict[int, list[float]] = {}
+    for r in rows:
+        means.setdefault(r["iteration"], []).append(r["cosine"])
+    return [r["cosine"] - statistics.fmean(means[r["iteration"]]) for r in rows]
+
+
 def summary(rows: list[dict], sources: list[str], parts: int = 3) -> list[dict]:
-    """Per source: mean, standard deviation, count of the per-task cosines, overall and per third of the run."""
+    """Per source: mean, standard deviation, count of the per-task cosines, overall and per third
+    of the run, and the mean and standard error of the centred cosines (`centred`)."""
     last = max(r["iteration"] for r in rows) + 1
+    rows = [{**r, "centred": c} for r, c in zip(rows, centred(rows))]
     out = []
     for s in sources:
         mine = [r for r in rows if r["source"] == s]
         row = {"source": s, "tasks": len(mine),
                "mean cosine": statistics.fmean(r["cosine"] for r in mine),
                "sd": statistics.pstdev(r["cosine"] for r in mine),
+               "mean centred cosine": statistics.fmean(r["centred"] for r in mine),
+               "its standard error": statistics.pstdev(r["centred"] for r in mine) / len(mine) ** 0.5,
                "mean backbone cosine": statistics.fmean(r["backbone cosine"] for r in mine)}
         for k in range(parts):
             lo, hi = k * last // parts, (k + 1) * last // parts
@@ -120,12 +132,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--experiment", default="scientific")
     ap.add_argument("--name", default="source_similarity")
+    ap.add_argument("--from-tasks", action="store_true", help="summarize the recorded NAME_tasks.json again instead of training")
     args = ap.parse_args()
-    rows = record(args)
+    tasks = experiment_dir(args.experiment) / f"{args.name}_tasks.json"
+    rows = json.loads(tasks.read_text()) if args.from_tasks else record(args)
     table = summary(rows, args.sources)
     meta = header("Per-source similarity of the rescaling (Eq. 6) over MetaRec training", f"{args.iterations} outer iterations, seed {args.seed}, one thread")
     write_results(args.name, meta, table, experiment=args.experiment)
-    (experiment_dir(args.experiment) / f"{args.name}_tasks.json").write_text(json.dumps(rows) + "\n")
+    if not args.from_tasks:
+        tasks.write_text(json.dumps(rows) + "\n")
     plot(rows, args.sources, experiment_dir(args.experiment) / f"{args.name}.png")
     for r in table:
         print(r)
