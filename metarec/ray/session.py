@@ -18,7 +18,10 @@ Loopback. `ray.init(_node_ip_address="127.0.0.1")` alone is not enough on Linux:
 replaces a loopback address by the machine's outward IP, registers the node there, and
 its agents listen on it, while GCS, raylet and workers listen on all interfaces. In
 Ray's single-machine mode (`metarec.ray.private.single_machine_mode`) the node IP stays
-127.0.0.1 and every server binds to it.
+127.0.0.1 and every server binds to it. Joining a cluster at a loopback address (e.g. a
+local multi-node cluster whose nodes all run on 127.0.0.1) happens in that mode too:
+otherwise Ray would replace 127.0.0.1 in the address by the outward IP, where nothing
+listens, and retry for ever.
 
 Also here: the workers' config and torch threads, the one unwrapping of Ray's errors,
 and the one parser of the test-only fault-injection variables.
@@ -27,6 +30,7 @@ and the one parser of the test-only fault-injection variables.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import secrets
 from typing import Any
@@ -63,7 +67,8 @@ def connect(address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        with _keep_sigterm_handler():
+        loopback = private.single_machine_mode() if is_loopback_address(address) else contextlib.nullcontext()
+        with loopback, _keep_sigterm_handler():
             ray.init(address=address, log_to_driver=True)
         return
     enable_local_token_auth()
@@ -74,6 +79,17 @@ def connect(address: str | None) -> None:
         ray.init(address="local", include_dashboard=False, dashboard_host=LOOPBACK,
                  _node_ip_address=LOOPBACK, log_to_driver=True)
     sessions.record()
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether a Ray address `host:port` names a loopback host (127.0.0.0/8, ::1, localhost)."""
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @contextlib.contextmanager
