@@ -50,6 +50,9 @@ def main() -> None:
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    from metarec.ray import raylet_watch
+
+    raylet_watch.enable()  # if the raylet of a local Ray instance dies: one line, exit 2
     try:
         cli.main(standalone_mode=True)
     except SystemExit as exit_:
@@ -74,10 +77,9 @@ def _shutdown_ray() -> None:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         try:
-            ray.shutdown()
-            from metarec.ray.sessions import forget
+            from metarec.ray.session import shutdown
 
-            forget()  # nothing of this driver's local Ray instance is left to reap
+            shutdown()
         except Exception as err:  # noqa: BLE001 - exiting anyway; say why Ray may linger
             print(f"warning: ray.shutdown() failed: {err}", file=sys.stderr)
 

@@ -370,10 +370,9 @@ def run_sweep(
             write_seal(experiment_uri)
     finally:
         if started:
-            ray.shutdown()
-            from metarec.ray.sessions import forget
+            from metarec.ray.session import shutdown
 
-            forget()
+            shutdown()
     unfinished = _unfinished_trials(experiment_path, filesystem)
     if unfinished:  # Ctrl-C: Tune saved the state and returned early
         raise MetaRecError(

@@ -23,8 +23,10 @@ local multi-node cluster whose nodes all run on 127.0.0.1) happens in that mode 
 otherwise Ray would replace 127.0.0.1 in the address by the outward IP, where nothing
 listens, and retry for ever.
 
-Also here: the workers' config and torch threads, the one unwrapping of Ray's errors,
-and the one parser of the test-only fault-injection variables.
+`shutdown` is the one way a command shuts Ray down (it first stops the watch on the local
+raylet, metarec.ray.raylet_watch). Also here: the workers' config and torch threads, the
+one unwrapping of Ray's errors, and the one parser of the test-only fault-injection
+variables.
 """
 
 from __future__ import annotations
@@ -72,13 +74,23 @@ def connect(address: str | None) -> None:
             ray.init(address=address, log_to_driver=True)
         return
     enable_local_token_auth()
-    from metarec.ray import sessions
+    from metarec.ray import raylet_watch, sessions
 
     sessions.reap_killed()  # what a killed driver's local instance left
     with private.single_machine_mode(), _keep_sigterm_handler():
         ray.init(address="local", include_dashboard=False, dashboard_host=LOOPBACK,
                  _node_ip_address=LOOPBACK, log_to_driver=True)
-    sessions.record()
+    raylet_watch.start(sessions.record())  # the command line exits with one line if the raylet dies
+
+
+def shutdown() -> None:
+    """Shut Ray down as a command ends: stop watching the local raylet (metarec.ray.raylet_watch),
+    `ray.shutdown()`, and drop this driver's record of its local instance (nothing to reap)."""
+    from metarec.ray import raylet_watch, sessions
+
+    raylet_watch.stop()
+    ray.shutdown()
+    sessions.forget()
 
 
 def is_loopback_address(address: str) -> bool:

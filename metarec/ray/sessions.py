@@ -29,7 +29,8 @@ GRACE_S = 5.0
 
 
 def ray_temp_dir() -> str:
-    return os.environ.get("RAY_TMPDIR") or os.path.join(tempfile.gettempdir(), "ray")
+    """Ray's temp dir, where its session folders are: `$RAY_TMPDIR/ray`, else `/tmp/ray` (or `$TMPDIR/ray`)."""
+    return os.path.join(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir(), "ray")
 
 
 def _registry() -> str:
@@ -67,14 +68,9 @@ def _own_pids() -> list[int]:
 
 def _session_of_children() -> str | None:
     """The `--session-name` of a Ray process this process started (its local instance)."""
-    me = str(os.getpid())
+    me = os.getpid()
     for pid in _own_pids():
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = f.read().rsplit(")", 1)[1].split()[1]
-        except (OSError, IndexError):
-            continue
-        if ppid == me:
+        if _parent(pid) == me:
             for arg in _cmdline(pid):
                 if arg.startswith(_ARG) and _SESSION.match(arg[len(_ARG):]):
                     return arg[len(_ARG):]
@@ -85,19 +81,21 @@ def _record_path() -> str:
     return os.path.join(_registry(), f"{os.getpid()}.json")
 
 
-def record() -> None:
-    """Record this driver and the session of the local Ray instance it has just started."""
+def record() -> str | None:
+    """Record this driver and the session of the local Ray instance it has just started;
+    returns the session's name (None where nothing is recorded)."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     session = _session_of_children()
     if session is None:
-        return
+        return None
     os.makedirs(_registry(), exist_ok=True)
     path = _record_path()
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump({"pid": os.getpid(), "start": _start_time(os.getpid()), "session": session}, f)
     os.replace(tmp, path)
+    return session
 
 
 def forget() -> None:
@@ -136,11 +134,39 @@ def reap_killed() -> list[str]:
     return reaped
 
 
+def running(pid: int, start: str | None) -> bool:
+    """Whether the process `pid` started at `start` still runs (not exited, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return start is not None and fields[19] == start and fields[0] not in ("Z", "X")
+
+
+def processes(session: str) -> list[tuple[int, str | None, str]]:
+    """(pid, start time, program name) of a running session's processes: those that name it
+    in their arguments (GCS, raylet, monitors) and their children (the raylet's agents and
+    workers, whose titles Ray rewrites)."""
+    named = dict(_session_pids(session))
+    children = {pid: _start_time(pid) for pid in _own_pids() if pid != os.getpid() and _parent(pid) in named}
+    return [(pid, start, os.path.basename((_cmdline(pid) or [""])[0]))
+            for pid, start in sorted({**named, **children}.items())]
+
+
 def _session_pids(session: str) -> list[tuple[int, str | None]]:
     arg = f"{_ARG}{session}"
     folder = os.path.join(ray_temp_dir(), session) + os.sep
     return [(pid, _start_time(pid)) for pid in _own_pids()
             if pid != os.getpid() and any(a == arg or a.startswith(folder) or f"={folder}" in a for a in _cmdline(pid))]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _end_session(session: str) -> None:
