@@ -83,14 +83,19 @@ def connect(address: str | None) -> None:
     raylet_watch.start(sessions.record())  # the command line exits with one line if the raylet dies
 
 
-def shutdown() -> None:
+def shutdown(*, keep_logs: bool = False) -> None:
     """Shut Ray down as a command ends: stop watching the local raylet (metarec.ray.raylet_watch),
-    `ray.shutdown()`, and drop this driver's record of its local instance (nothing to reap)."""
+    `ray.shutdown()`, drop this driver's record of its local instance (nothing to reap) and,
+    unless `keep_logs` (a failed command), delete the instance's session folder (metarec.ray.sessions)."""
     from metarec.ray import raylet_watch, sessions
 
     raylet_watch.stop()
+    session = None if keep_logs else sessions.own_session()
+    processes = sessions.processes(session) if session else []
     ray.shutdown()
     sessions.forget()
+    if session:
+        sessions.remove_folder(session, processes)
 
 
 def is_loopback_address(address: str) -> bool:

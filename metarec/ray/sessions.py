@@ -1,4 +1,5 @@
-"""Reaping the private local Ray instance of a metarec driver that was killed.
+"""The private local Ray instance of a metarec driver: its session folder goes with it,
+and what a killed driver left is reaped by the next one.
 
 A driver killed with SIGKILL cannot stop the local Ray instance it started: its GCS,
 raylet, dashboard and runtime-env agents live on for a minute or more (on loopback),
@@ -8,7 +9,10 @@ session name, in `<ray temp dir>/metarec-drivers/`), removes the record when it 
 Ray down (`forget`), and, before starting one, reaps the sessions of recorded drivers
 that are gone (`reap_killed`): it ends the processes of *those* sessions only (matched
 by their `--session-name` argument and this user's uid) and deletes their session
-folders. Linux only (reads /proc); elsewhere a no-op.
+folders. A command that shuts its instance down after a clean end (exit 0, or 143 on
+SIGTERM) deletes the session folder too (`remove_folder`), once the instance's processes
+have exited: Ray keeps it, with its logs, for good; a failed command keeps it for
+diagnosis. Linux only (reads /proc); elsewhere a no-op.
 """
 
 from __future__ import annotations
@@ -25,7 +29,11 @@ import time
 
 _SESSION = re.compile(r"^session_[0-9_-]+$")
 _ARG = "--session-name="
+_LATEST = "session_latest"  # Ray's link to the newest session folder
 GRACE_S = 5.0
+EXIT_WAIT_S = 10.0
+
+_own: str | None = None  # the session this driver recorded
 
 
 def ray_temp_dir() -> str:
@@ -95,13 +103,44 @@ def record() -> str | None:
     with open(tmp, "w") as f:
         json.dump({"pid": os.getpid(), "start": _start_time(os.getpid()), "session": session}, f)
     os.replace(tmp, path)
+    global _own
+    _own = session
     return session
+
+
+def own_session() -> str | None:
+    """The session of the local instance this driver recorded and has not forgotten."""
+    return _own
 
 
 def forget() -> None:
     """This driver shut its local Ray instance down: nothing to reap."""
+    global _own
+    _own = None
     with contextlib.suppress(OSError):
         os.unlink(_record_path())
+
+
+def remove_folder(session: str, processes: list[tuple[int, str | None, str]] = ()) -> None:
+    """Delete the session's folder (and Ray's `session_latest` link if it names it) once
+    `processes` (the session's, listed before its shutdown) have exited, waiting at most
+    EXIT_WAIT_S for them."""
+    deadline = time.monotonic() + EXIT_WAIT_S
+    while any(running(pid, start) for pid, start, _ in processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _delete_folder(session)
+
+
+def _delete_folder(session: str) -> None:
+    if not _SESSION.match(session):
+        return
+    folder = os.path.join(ray_temp_dir(), session)
+    if os.path.isdir(folder) and not os.path.islink(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+    latest = os.path.join(ray_temp_dir(), _LATEST)
+    with contextlib.suppress(OSError):
+        if os.path.islink(latest) and os.path.basename(os.readlink(latest).rstrip(os.sep)) == session:
+            os.unlink(latest)
 
 
 def reap_killed() -> list[str]:
@@ -122,9 +161,7 @@ def reap_killed() -> list[str]:
             continue  # its driver is running
         if _SESSION.match(session):
             _end_session(session)
-            folder = os.path.join(ray_temp_dir(), session)
-            if os.path.isdir(folder) and not os.path.islink(folder):
-                shutil.rmtree(folder, ignore_errors=True)
+            _delete_folder(session)
             reaped.append(session)
         with contextlib.suppress(OSError):
             os.unlink(path)
