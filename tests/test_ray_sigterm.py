@@ -145,3 +145,33 @@ def test_sigkill_of_the_raylet_stops_the_run_with_one_line_and_exit_2(tmp_path, 
         assert not alive(instance), f"processes of the Ray instance still running: {alive(instance)}"
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("pidfd", [True, False])
+def test_the_raylet_watch_wakes_when_its_process_exits_and_when_stopped(monkeypatch, pidfd):
+    """metarec.ray.raylet_watch's wait, on a stand-in process: True when it exits (also with
+    no pidfd: polling), False when stop() writes to its pipe."""
+    import threading
+
+    from metarec.ray import raylet_watch, sessions
+
+    if not pidfd:
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+    for stop in (False, True):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        wake_read, wake_write = os.pipe()
+        got, start = [], sessions._start_time(child.pid)
+        waiter = threading.Thread(target=lambda: got.append(raylet_watch._wait_for_exit(child.pid, start, wake_read)))
+        waiter.start()
+        try:
+            if stop:
+                os.write(wake_write, b"x")
+            else:
+                child.kill()
+            waiter.join(timeout=60)
+            assert got == [not stop]
+        finally:
+            child.kill()
+            child.wait(timeout=60)
+            os.close(wake_read)
+            os.close(wake_write)

@@ -12,8 +12,8 @@ plus the returned tensors.
 Faults. A task whose worker died (process killed, node lost, `ray.kill`), whose result
 was lost before the driver fetched it (it lived in the object store of a node that was
 lost), or that ran past `task_timeout_s` is re-run from its spec, which carries its own
-seed, so a fault changes no result. The failed worker is replaced by a fresh actor in the same slot
-(and the same placement group inside a Tune trial); the driver does this itself
+seed, so a fault changes no result. The failed worker is replaced by a fresh actor in
+the same slot (and the same placement group inside a Tune trial); the driver does this itself
 rather than through Ray's `max_restarts`, so it never has to guess whether a handle
 is restarting or gone. A task that fails more than `ray.max_task_retries` times stops
 the run with `WorkerFailedError`. Errors raised *by* a task (a `MetaRecError` such as
