@@ -50,6 +50,9 @@ def main() -> None:
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    from metarec.ray import raylet_watch
+
+    raylet_watch.enable()  # if the raylet of a local Ray instance dies: one line, exit 2
     try:
         cli.main(standalone_mode=True)
     except SystemExit as exit_:
@@ -62,22 +65,22 @@ def main() -> None:
         code = 1
     if terminated:  # 143 however the exit surfaced (ray.get turns the SystemExit into SystemExit(1))
         code = 128 + terminated[0]
-    _shutdown_ray()
+    _shutdown_ray(keep_logs=code not in (0, 128 + signal.SIGTERM))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
-def _shutdown_ray() -> None:
+def _shutdown_ray(*, keep_logs: bool) -> None:
     """Stop the Ray processes this command started (os._exit would skip Ray's atexit hook
-    and leave its agents orphaned); a no-op when Ray was never used."""
+    and leave its agents orphaned) and, unless `keep_logs` (the command failed), delete the
+    local instance's session folder; a no-op when Ray was never used."""
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         try:
-            ray.shutdown()
-            from metarec.ray.sessions import forget
+            from metarec.ray.session import shutdown
 
-            forget()  # nothing of this driver's local Ray instance is left to reap
+            shutdown(keep_logs=keep_logs)
         except Exception as err:  # noqa: BLE001 - exiting anyway; say why Ray may linger
             print(f"warning: ray.shutdown() failed: {err}", file=sys.stderr)
 

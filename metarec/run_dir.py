@@ -294,6 +294,9 @@ def _drop_retired_keys(raw: Any) -> Any:
 # ------------------------------------------------------------------ lock
 
 
+_HELD_LOCKS: set[str] = set()  # the lock files this process holds
+
+
 @contextlib.contextmanager
 def run_lock(out: str) -> Iterator[None]:
     """Hold `OUT/.lock` exclusively (local directories; a no-op for URIs)."""
@@ -320,11 +323,21 @@ def run_lock(out: str) -> Iterator[None]:
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
+        _HELD_LOCKS.add(path)
         yield
     finally:
+        _HELD_LOCKS.discard(path)
         with contextlib.suppress(OSError):
             os.unlink(path)
         os.close(fd)
+
+
+def release_held_locks() -> None:
+    """Remove the lock files this process holds, for an exit that skips `run_lock`'s own
+    cleanup (`os._exit` in metarec.ray.raylet_watch); the kernel drops the flocks with the process."""
+    for path in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _holder(path: str) -> str:

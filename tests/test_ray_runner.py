@@ -188,6 +188,17 @@ def test_workers_that_cannot_load_their_data_fail_with_the_data_error(ray_home, 
         RayRunner(cfg, start_timeout_s=120)
 
 
+@pytest.mark.parametrize("address, loopback", [
+    ("127.0.0.1:6379", True), ("127.1.2.3:6379", True), ("localhost:6379", True), ("[::1]:6379", True),
+    ("10.0.0.5:6379", False), ("head.example:6379", False), ("auto", False), ("ray://127.0.0.1:10001", False),
+])
+def test_loopback_cluster_addresses_are_recognised(address, loopback):
+    """connect() joins these in Ray's single-machine mode (Ray would rewrite 127.0.0.1 to the outward IP)."""
+    from metarec.ray.session import is_loopback_address
+
+    assert is_loopback_address(address) is loopback
+
+
 def test_worker_config_makes_a_local_data_root_absolute(root, monkeypatch):
     monkeypatch.chdir(Path(root).parent)
     cfg = tiny_config(Path(root).name)

@@ -95,3 +95,83 @@ def test_the_next_run_reaps_the_ray_instance_of_a_killed_driver(tmp_path, tiny_d
     assert not [pid for pid, start in procs if _alive(pid, start)]
     assert not folder.exists() and not record.exists()
     assert not (Path(ray_sessions._registry()) / f"{os.getpid()}.json").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigkill_of_the_raylet_stops_the_run_with_one_line_and_exit_2(tmp_path, tiny_domains):
+    """Issue 21, point 8: without metarec.ray.raylet_watch, Ray's core worker ended the driver
+    with `_exit(1)` at its next object-store access: a log dump, no `error:` line, `.lock` left."""
+    import shutil
+    import tempfile
+
+    from test_ray_local import alive, process_tree
+
+    run, log = tmp_path / "run", tmp_path / "stderr.txt"
+    cfg = config(tmp_path, tiny_domains, max_steps=100_000, eval_every=100_000, checkpoint_every=1)
+    ray_tmp = tempfile.mkdtemp(prefix="metarec-raylet-")  # short: Ray's socket paths must stay under 108 bytes
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_TMPDIR=ray_tmp, HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
+    try:
+        with open(log, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "metarec.cli", "train", str(cfg), "--ray", "--out", str(run),
+                                     "--set", "data.sources=[src-a, src-b]", "--set", "ray.num_workers=2"],
+                                    stdout=subprocess.DEVNULL, stderr=err, env=env)
+        try:
+            deadline = time.monotonic() + HANG_GUARD_S  # only catches a hung start; the test waits for a state
+            while not any((run / "checkpoints").glob("step-*")):
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no step checkpoint in time"
+                time.sleep(0.2)
+            instance = process_tree(proc.pid)
+            instance.pop(proc.pid)
+            raylets = [pid for pid in instance if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"raylet")]
+            assert len(raylets) == 1, instance
+            os.kill(raylets[0], signal.SIGKILL)
+            proc.wait(timeout=HANG_GUARD_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=60)
+        text = log.read_text()
+        errors = [line for line in text.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2, text[-3000:]
+        assert len(errors) == 1 and f"local Ray instance (pid {raylets[0]}) died" in errors[0], text[-3000:]
+        assert "--resume" in errors[0] and "Traceback (most recent call last)" not in _driver_lines(text), text[-3000:]
+        assert not (run / ".lock").exists()
+        deadline = time.monotonic() + 60  # the instance's GCS and agents (SIGTERM), its workers (on their own)
+        while alive(instance) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(instance), f"processes of the Ray instance still running: {alive(instance)}"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("pidfd", [True, False])
+def test_the_raylet_watch_wakes_when_its_process_exits_and_when_stopped(monkeypatch, pidfd):
+    """metarec.ray.raylet_watch's wait, on a stand-in process: True when it exits (also with
+    no pidfd: polling), False when stop() writes to its pipe."""
+    import threading
+
+    from metarec.ray import raylet_watch, sessions
+
+    if not pidfd:
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+    for stop in (False, True):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        wake_read, wake_write = os.pipe()
+        got, start = [], sessions._start_time(child.pid)
+        waiter = threading.Thread(target=lambda: got.append(raylet_watch._wait_for_exit(child.pid, start, wake_read)))
+        waiter.start()
+        try:
+            if stop:
+                os.write(wake_write, b"x")
+            else:
+                child.kill()
+            waiter.join(timeout=60)
+            assert got == [not stop]
+        finally:
+            child.kill()
+            child.wait(timeout=60)
+            os.close(wake_read)
+            os.close(wake_write)

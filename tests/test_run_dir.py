@@ -161,6 +161,21 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
     assert not (run / ".lock").exists()
 
 
+def test_an_exit_that_skips_the_lock_cleanup_can_release_the_held_locks(tmp_path):
+    """metarec.ray.raylet_watch ends the process with os._exit: it removes the lock files first."""
+    from metarec.run_dir import release_held_locks, run_lock
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    run.mkdir()
+    other.mkdir()
+    (other / ".lock").write_text("123\n")  # not held by this process: left alone
+    with run_lock(str(run)):
+        release_held_locks()
+        assert not (run / ".lock").exists() and (other / ".lock").exists()
+    release_held_locks()  # none held any more: a no-op
+    assert (other / ".lock").exists()
+
+
 # ------------------------------------------------------------------ 4: a failed early run
 
 

@@ -369,18 +369,19 @@ def run_sweep(
 
     started = not ray.is_initialized()
     connect(ray_address)
+    fitted = False
     try:
         tuner = _tuner(space, experiment_uri, storage_uri, name, num_samples or space.num_samples, resume)
         try:
             grid = tuner.fit()
+            fitted = True
         finally:
             write_seal(experiment_uri)
     finally:
         if started:
-            ray.shutdown()
-            from metarec.ray.sessions import forget
+            from metarec.ray.session import shutdown
 
-            forget()
+            shutdown(keep_logs=not fitted)  # a local instance's logs are kept if the sweep failed
     unfinished = _unfinished_trials(experiment_path, filesystem)
     if unfinished:  # Ctrl-C: Tune saved the state and returned early
         raise MetaRecError(

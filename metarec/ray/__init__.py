@@ -3,6 +3,8 @@
 - `session`: joining Ray or starting the private loopback-only instance with token auth,
   the workers' config and threads, the one unwrapping of Ray's errors, the test-only
   fault-injection variables;
+- `sessions`: the record of a driver's local instance, its session folder, reaping what a
+  killed driver left; `raylet_watch`: one line and exit 2 if the local raylet dies;
 - `private`: every private Ray API, behind one version check;
 - `capacity`: can the cluster place the run's workers? (checked before training);
 - `driver`: the driver runner (`RayRunner`, `SourceTaskWorker` actors);

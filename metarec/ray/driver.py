@@ -9,10 +9,11 @@ workers: more tasks than workers queue, fewer leave workers idle. Results come b
 to the driver, which sorts them by task index; `bytes_last_iteration` counts θ once
 plus the returned tensors.
 
-Faults. A task whose worker died (process killed, node lost, `ray.kill`) or that ran
-past `task_timeout_s` is re-run from its spec, which carries its own seed, so a fault
-changes no result. The failed worker is replaced by a fresh actor in the same slot
-(and the same placement group inside a Tune trial); the driver does this itself
+Faults. A task whose worker died (process killed, node lost, `ray.kill`), whose result
+was lost before the driver fetched it (it lived in the object store of a node that was
+lost), or that ran past `task_timeout_s` is re-run from its spec, which carries its own
+seed, so a fault changes no result. The failed worker is replaced by a fresh actor in
+the same slot (and the same placement group inside a Tune trial); the driver does this itself
 rather than through Ray's `max_restarts`, so it never has to guess whether a handle
 is restarting or gone. A task that fails more than `ray.max_task_retries` times stops
 the run with `WorkerFailedError`. Errors raised *by* a task (a `MetaRecError` such as
@@ -47,6 +48,8 @@ from metarec.ray.session import connect, error_line, fault_request, set_worker_t
 
 
 FAIL_TASK_ONCE_ENV = "METAREC_TEST_FAIL_TASK_ONCE"
+# a task's worker or its result is gone (module docstring): re-run the task on a fresh worker
+LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError)
 
 
 class WorkerFailedError(MetaRecError):
@@ -180,7 +183,7 @@ class RayRunner:
             slot, spec, _ = in_flight.pop(ref)
             try:
                 result = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as err:
+            except LOST as err:
                 why = error_line(err)
                 self._retry(spec, attempts, why)
                 self._replace(slot, spec, why)

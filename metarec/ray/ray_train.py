@@ -23,14 +23,18 @@ worker 0 attaches it as a `ray.train.Checkpoint` (the same safetensors + JSON
 directory). The driver receives these metrics, never tensors.
 
 Faults: `RunConfig(failure_config=FailureConfig(max_failures=ray.max_task_retries))`. When
-a worker dies, Ray Train restarts the worker group and `ray.train.get_checkpoint()` hands
-the new workers the last reported checkpoint; resuming is bit-identical (sampler, RNG and
-optimizer state), so the run ends as an unfaulted one would. Test-only fault injection:
-the environment variable `METAREC_TEST_KILL_WORKER=ITERATION:RANK`, read by the driver,
-makes worker RANK exit in the middle of iteration ITERATION (after its own computation,
-before the collective), once: it leaves the marker `OUT/ray_train/killed-ITERATION-RANK`
-first and never dies where that marker exists (a local run directory). Which checkpoint
-the new group starts from is the last one Ray Train had registered when the worker died.
+a worker dies (or its node is lost), Ray Train restarts the worker group and
+`ray.train.get_checkpoint()` hands the new workers the last reported checkpoint; resuming
+is bit-identical (sampler, RNG and optimizer state), so the run ends as an unfaulted one
+would. Test-only fault injection, read by the driver from the environment:
+`METAREC_TEST_KILL_WORKER=ITERATION:RANK` makes worker RANK exit in the middle of iteration
+ITERATION (after its own computation, before the collective), once: it leaves the marker
+`OUT/ray_train/killed-ITERATION-RANK` first and never dies where that marker exists (a
+local run directory). `METAREC_TEST_HOLD_WORKER=ITERATION:RANK` is the same with the marker
+`held-ITERATION-RANK`, but the worker waits there (the whole group with it, in the
+collective) to be killed with its node by the test, and exits after `HOLD_LIMIT_S` if it
+is not. Which checkpoint the new group starts from is the last one Ray Train had
+registered when the worker died.
 
 Loopback. On the private local Ray instance (`connect(None)`) the process group is set up
 by `metarec.ray.private.loopback_torch_config`: a FileStore rendezvous in the run's temporary
@@ -66,6 +70,8 @@ from metarec.run_dir import RunDir
 from metarec.train import Trainer
 
 KILL_ENV = "METAREC_TEST_KILL_WORKER"  # test-only fault injection (module docstring)
+HOLD_ENV = "METAREC_TEST_HOLD_WORKER"
+HOLD_LIMIT_S = 600.0
 
 
 # ------------------------------------------------------------------ process group
@@ -75,18 +81,20 @@ class ProcessGroupCollective:
     """`metarec.ray.collective.Collective` on torch.distributed's default group.
 
     Counts per call the payload bytes and the bytes a ring all-reduce sends per worker,
-    2 (W − 1) / W × payload; kills this worker at `kill_at` (test-only, module docstring).
+    2 (W − 1) / W × payload. `fault` (test-only, module docstring): (iteration, marker,
+    seconds to hold before exiting).
     """
 
-    def __init__(self, rank: int, world: int, device: torch.device, kill_at: tuple[int, str] | None = None):
-        self.rank, self.world, self.device, self.kill_at = rank, world, device, kill_at
+    def __init__(self, rank: int, world: int, device: torch.device, fault: tuple[int, str, float] | None = None):
+        self.rank, self.world, self.device, self.fault = rank, world, device, fault
         self.payload_bytes = 0
         self.ring_bytes = 0.0
 
     def all_reduce(self, tensor: torch.Tensor, iteration: int) -> None:
-        if self.kill_at is not None and self.kill_at[0] == iteration and not os.path.exists(self.kill_at[1]):
-            with open(self.kill_at[1], "w"):
+        if self.fault is not None and self.fault[0] == iteration and not os.path.exists(self.fault[1]):
+            with open(self.fault[1], "w"):
                 pass
+            time.sleep(self.fault[2])  # held: until the test kills this worker's node
             os._exit(1)  # a worker lost mid-iteration, as on a lost node
         if self.world == 1:
             return
@@ -155,15 +163,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     cfg = config_from_dict(loop_config["config"], "Ray Train worker config")
     set_worker_threads(cfg.ray.cpus_per_worker)
-    kill = loop_config.get("kill")
-    kill_at = (kill[0], kill_marker(loop_config["out"], *kill)) if kill and kill[1] == rank else None
+    fault = loop_config.get("fault")  # (what, iteration, rank)
+    fault_at = None
+    if fault and fault[2] == rank:
+        fault_at = (fault[1], _marker(loop_config["out"], *fault), HOLD_LIMIT_S if fault[0] == "held" else 0.0)
     scratch = None
     if rank != 0:  # a run directory of its own, inside the driver's scratch folder
         os.makedirs(loop_config["scratch"], exist_ok=True)  # (on another node of a cluster it is not there yet)
         scratch = tempfile.mkdtemp(prefix=f"rank{rank}-", dir=loop_config["scratch"])
     device = resolve_device(cfg.train.device)
     comm_device = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-    comm = ProcessGroupCollective(rank, world, comm_device, kill_at)
+    comm = ProcessGroupCollective(rank, world, comm_device, fault_at)
     try:
         report = RayTrainReport(comm)
         trainer = Trainer.from_config(cfg, loop_config["out"] if rank == 0 else scratch,
@@ -179,19 +189,32 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 # ------------------------------------------------------------------ the driver
 
 
-def _kill_request() -> tuple[int, int] | None:
-    request = fault_request(KILL_ENV, "ITERATION:RANK, e.g. 1:1")
-    if request is None:
-        return None
-    iteration, ranks = request
-    if len(ranks) != 1:
-        raise ConfigError(f"{KILL_ENV}: expected ITERATION:RANK, e.g. 1:1, one rank (test-only fault injection)")
-    return iteration, ranks[0]
+def _fault_request() -> tuple[str, int, int] | None:
+    """(what, iteration, rank) of the test-only fault injection (module docstring): what is
+    'killed' (`KILL_ENV`) or 'held' (`HOLD_ENV`); None if neither is set."""
+    for what, variable in (("killed", KILL_ENV), ("held", HOLD_ENV)):
+        request = fault_request(variable, "ITERATION:RANK, e.g. 1:1")
+        if request is None:
+            continue
+        iteration, ranks = request
+        if len(ranks) != 1:
+            raise ConfigError(f"{variable}: expected ITERATION:RANK, e.g. 1:1, one rank (test-only fault injection)")
+        return what, iteration, ranks[0]
+    return None
+
+
+def _marker(out_dir: str, what: str, iteration: int, rank: int) -> str:
+    return os.path.join(storage_for(out_dir), f"{what}-{iteration}-{rank}")
 
 
 def kill_marker(out_dir: str, iteration: int, rank: int) -> str:
-    """The test-only fault injection's marker (module docstring)."""
-    return os.path.join(storage_for(out_dir), f"killed-{iteration}-{rank}")
+    """The marker of `METAREC_TEST_KILL_WORKER` (module docstring)."""
+    return _marker(out_dir, "killed", iteration, rank)
+
+
+def hold_marker(out_dir: str, iteration: int, rank: int) -> str:
+    """The marker of `METAREC_TEST_HOLD_WORKER` (module docstring)."""
+    return _marker(out_dir, "held", iteration, rank)
 
 
 def storage_for(out_dir: str) -> str:
@@ -221,7 +244,8 @@ def fit_with_ray_train(cfg: Config, out_dir: str, *, local: bool, resume: bool =
         scratch = tempfile.mkdtemp(prefix="metarec-ray-train-")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": worker_config(cfg), "out": run_dir, "resume": resume, "kill": _kill_request(), "scratch": scratch},
+        train_loop_config={"config": worker_config(cfg), "out": run_dir, "resume": resume, "fault": _fault_request(),
+                           "scratch": scratch},
         torch_config=loopback_torch_config(scratch) if local else TorchConfig(),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=resources),
         run_config=RunConfig(

@@ -18,15 +18,21 @@ Loopback. `ray.init(_node_ip_address="127.0.0.1")` alone is not enough on Linux:
 replaces a loopback address by the machine's outward IP, registers the node there, and
 its agents listen on it, while GCS, raylet and workers listen on all interfaces. In
 Ray's single-machine mode (`metarec.ray.private.single_machine_mode`) the node IP stays
-127.0.0.1 and every server binds to it.
+127.0.0.1 and every server binds to it. Joining a cluster at a loopback address (e.g. a
+local multi-node cluster whose nodes all run on 127.0.0.1) happens in that mode too:
+otherwise Ray would replace 127.0.0.1 in the address by the outward IP, where nothing
+listens, and retry for ever.
 
-Also here: the workers' config and torch threads, the one unwrapping of Ray's errors,
-and the one parser of the test-only fault-injection variables.
+`shutdown` is the one way a command shuts Ray down (it first stops the watch on the local
+raylet, metarec.ray.raylet_watch). Also here: the workers' config and torch threads, the
+one unwrapping of Ray's errors, and the one parser of the test-only fault-injection
+variables.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import secrets
 from typing import Any
@@ -63,17 +69,44 @@ def connect(address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        with _keep_sigterm_handler():
+        loopback = private.single_machine_mode() if is_loopback_address(address) else contextlib.nullcontext()
+        with loopback, _keep_sigterm_handler():
             ray.init(address=address, log_to_driver=True)
         return
     enable_local_token_auth()
-    from metarec.ray import sessions
+    from metarec.ray import raylet_watch, sessions
 
     sessions.reap_killed()  # what a killed driver's local instance left
     with private.single_machine_mode(), _keep_sigterm_handler():
         ray.init(address="local", include_dashboard=False, dashboard_host=LOOPBACK,
                  _node_ip_address=LOOPBACK, log_to_driver=True)
-    sessions.record()
+    raylet_watch.start(sessions.record())  # the command line exits with one line if the raylet dies
+
+
+def shutdown(*, keep_logs: bool = False) -> None:
+    """Shut Ray down as a command ends: stop watching the local raylet (metarec.ray.raylet_watch),
+    `ray.shutdown()`, drop this driver's record of its local instance (nothing to reap) and,
+    unless `keep_logs` (a failed command), delete the instance's session folder (metarec.ray.sessions)."""
+    from metarec.ray import raylet_watch, sessions
+
+    raylet_watch.stop()
+    session = None if keep_logs else sessions.own_session()
+    processes = sessions.processes(session) if session else []
+    ray.shutdown()
+    sessions.forget()
+    if session:
+        sessions.remove_folder(session, processes)
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether a Ray address `host:port` names a loopback host (127.0.0.0/8, ::1, localhost)."""
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @contextlib.contextmanager
