@@ -1,5 +1,5 @@
 """Bad inputs and faults end in one line and exit status 2, never a traceback, and leave
-nothing half-written (issue 12, points 9-12). Each case is listed in docs/faults.md."""
+nothing half-written. Each case is listed in docs/faults.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The collective meta update gives the driver runner's result (issue 14, docs/design.md §6).
+"""The collective meta update gives the driver runner's result (docs/design.md §6).
 
 First without Ray (W workers as threads around an exact in-process sum), then on Ray
 Train's gloo process group in a private loopback Ray instance: 3 iterations with 2 and 3

@@ -1,6 +1,6 @@
-"""`metarec train --ray` on a private local Ray instance (issue 12, points 6 and 7): every
-socket of the run listens on loopback only, no process of the run survives it, and (issue
-21, point 6) neither does its session folder under Ray's temp dir.
+"""`metarec train --ray` on a private local Ray instance: every
+socket of the run listens on loopback only, no process of the run survives it, and
+neither does its session folder under Ray's temp dir.
 
 One real CLI run in its own process: the driver is stopped (SIGSTOP) once it has written a
 step checkpoint, so its Ray processes are all up while the test lists them, whatever the
@@ -148,7 +148,7 @@ def test_local_ray_run_listens_on_loopback_only_and_leaves_no_process(tiny_domai
         time.sleep(0.1)
     assert not alive(processes), f"Ray processes of the run still running: {alive(processes)}"
 
-    # issue 21, point 6: the session folder Ray keeps for its logs went with the run (exit 0)
+    # the session folder Ray keeps for its logs went with the run (exit 0)
     sessions = {a.split(b"=", 1)[1].decode() for c in commands for a in c if a.startswith(b"--session-name=")}
     assert len(sessions) == 1, sessions
     assert not (ray_tmp / sessions.pop()).exists()

@@ -1,4 +1,4 @@
-"""A lost node (issue 21, point 22): the runners on a local multi-node Ray cluster.
+"""A lost node: the runners on a local multi-node Ray cluster.
 
 The cluster (`ray.cluster_utils.Cluster`) is a head and worker nodes, each its own raylet
 on this machine, every server on 127.0.0.1, token authentication on (as

@@ -100,7 +100,7 @@ def test_the_next_run_reaps_the_ray_instance_of_a_killed_driver(tmp_path, tiny_d
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sigkill_of_the_raylet_stops_the_run_with_one_line_and_exit_2(tmp_path, tiny_domains):
-    """Issue 21, point 8: without metarec.ray.raylet_watch, Ray's core worker ended the driver
+    """Without metarec.ray.raylet_watch, Ray's core worker ended the driver
     with `_exit(1)` at its next object-store access: a log dump, no `error:` line, `.lock` left."""
     import shutil
     import tempfile

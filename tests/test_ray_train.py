@@ -1,4 +1,4 @@
-"""Baselines on Ray Train (issue 14): one worker = the local run; a killed worker is
+"""Baselines on Ray Train: one worker = the local run; a killed worker is
 restored from the last checkpoint; bad `--workers` is one line, exit status 2."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Run directory safety (issue 12, points 1-5): resume refuses before writing anything,
+"""Run directory safety: resume refuses before writing anything,
 a finished run without step checkpoints is not retrained, the directory is locked,
 a failed early run does not block its retry, stale temp entries are cleaned."""
 

@@ -1,4 +1,4 @@
-"""One clear line when the raylet of this command's local Ray instance dies (issue 21, point 8).
+"""One clear line when the raylet of this command's local Ray instance dies.
 
 When the raylet of the private local instance dies (SIGKILL, the OOM killer), Ray's core
 worker in this driver ends the process with `_exit(1)` at its next access to the object
