@@ -277,7 +277,10 @@ def plot(name: str, summary: list[dict], rows: list[dict]) -> None:
         for method in sorted({s["method"] for s in summary if s["dataset"] == dataset}):
             pts = sorted((s["target_users"] or 10**6, s["NDCG@10"], s["NDCG@10 std"]) for s in summary if s["dataset"] == dataset and s["method"] == method)
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=f"{method}" + ("" if dataset == "amazon-video-games" else f" ({dataset})"))
-    ax.set_xscale("log")
+    if any(s["target_users"] for s in summary):
+        ax.set_xscale("log")
+    else:  # one group: all the target's users
+        ax.set_xticks([10**6], ["all users"])
     ax.set_xlabel("target users")
     ax.set_ylabel("test NDCG@10 (mean ± std over seeds)")
     ax.legend(fontsize=7)
@@ -287,22 +290,26 @@ def plot(name: str, summary: list[dict], rows: list[dict]) -> None:
     small = min((r["target_users"] or 10**9 for r in rows), default=None)
     metas = sorted({r["method"] for r in rows if r["method"].startswith("metarec")})
     weights_of = "metarec_tuned" if "metarec_tuned" in metas else (metas[0] if metas else None)
+    # the weights of the run with the most sources (the harmful set, where there is one)
+    weights_set = max((r.get("source_set") for r in rows if r["method"] == weights_of and r["seed"] == 0),
+                      key=lambda s: s == "harmful", default=None)
     for r in rows:
         if (r["target_users"] or 10**9) == small and r["seed"] == 0:
             d = json.loads(Path(detail_path(name, key_of(r))).read_text())
             curve = d["val_curve"]
             per = r["target_sequences_seen"] / max(r["steps"], 1)
-            ax2.plot([s * per for s, _ in curve], [v for _, v in curve], label=r["method"])
-        if (r["target_users"] or 10**9) == small and r["seed"] == 0 and r["method"] == weights_of:
+            ax2.plot([s * per for s, _ in curve], [v for _, v in curve],
+                     label=r["method"] + (f" ({r['source_set']} sources)" if r.get("source_set") == "harmful" else ""))
+        if (r["target_users"] or 10**9) == small and r["seed"] == 0 and r["method"] == weights_of and r.get("source_set") == weights_set:
             for source in sorted({k for w in d["source_weights"] for k in w if k != "step"}):
                 ax3.plot([w["step"] for w in d["source_weights"]], [w.get(source) for w in d["source_weights"]], label=source)
     ax3.set_xlabel("iteration")
     ax3.set_ylabel("mean softmax weight of the source's tasks")
-    ax3.set_title(f"per-source weights over time\n{weights_of}, {main}, seed 0", fontsize=9)
+    ax3.set_title(f"per-source weights over time\n{weights_of}, {main}" + (f", {weights_set} sources" if weights_set else "") + ", seed 0", fontsize=9)
     ax3.legend(fontsize=7)
     ax2.set_xlabel("target sequences seen")
     ax2.set_ylabel("val NDCG@10")
-    ax2.set_title(f"validation curves\n{main}, {small} target users, seed 0", fontsize=9)
+    ax2.set_title(f"validation curves\n{main}, {small if small < 10**9 else 'all'} target users, seed 0", fontsize=9)
     ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(experiment_dir(name) / f"{name}.png", dpi=110)
