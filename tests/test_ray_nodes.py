@@ -27,29 +27,21 @@ import ray
 import torch
 
 from conftest import RAY_TRAIN_TEST_ENV
-from metarec.config import config_from_dict
 from metarec.ray.driver import RayRunner
 from metarec.ray.session import LOOPBACK, connect, enable_local_token_auth
+from test_collective import ITERATIONS
+from test_collective import tiny_config as collective_config
 from test_ray_local import alive, listening_sockets, process_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow,
               pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")]
 
-ITERATIONS = 3
 HANG_GUARD_S = 600  # only catches a hang; the tests wait for states, never for a time
 
 
 def tiny_config(root: str, **ray_options):
-    return config_from_dict({
-        "seed": 3,
-        "data": {"root": root, "target": "target", "sources": ["src-a", "src-b"], "max_len": 6},
-        "model": {"hidden": 16, "blocks": 1},
-        "train": {"batch_size": 8, "device": "cpu", "progress": False, "max_steps": ITERATIONS,
-                  "eval_every": ITERATIONS, "checkpoint_every": 1},
-        "vq": {"heads": 2},
-        "meta": {"tasks_per_iter": 3},  # more tasks than workers: they queue
-        "ray": {"num_workers": 2, "cpus_per_worker": 0.5, **ray_options},
-    })
+    """tests/test_collective.py's run (3 iterations, 3 tasks each) on 2 workers: the tasks queue."""
+    return collective_config(root, num_workers=2, **ray_options)
 
 
 @pytest.fixture(scope="module")

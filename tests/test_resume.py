@@ -121,6 +121,11 @@ def test_epoch_batch_order_resumes_to_the_uninterrupted_result(tiny_domains, tmp
     run stopped at a checkpoint and resumed ends where the uninterrupted run ends."""
     cfg = load_config(str(write_config(tmp_path / "c.yaml", tiny_domains, batch_order="epoch", checkpoint_every=2)))
     cfg.data.sources = sources
+    assert_resume_from_half_ends_the_same(cfg, tmp_path)
+
+
+def assert_resume_from_half_ends_the_same(cfg, tmp_path: Path) -> None:
+    """Train `cfg` whole, and to half its steps then resumed: the two runs must end the same."""
     train(cfg, str(tmp_path / "full"))
     half = cfg.model_copy(deep=True)
     half.train.max_steps = MAX_STEPS // 2
@@ -136,9 +141,4 @@ def test_smoothed_similarities_survive_a_resume(tiny_domains, tmp_path):
     cfg.data.sources = ["src-a", "src-b"]
     cfg.meta.tasks_per_iter = 2
     cfg.rescale.smoothing, cfg.rescale.tau = 0.9, 0.01
-    train(cfg, str(tmp_path / "full"))
-    half = cfg.model_copy(deep=True)
-    half.train.max_steps = MAX_STEPS // 2
-    train(half, str(tmp_path / "resumed"))
-    train(cfg, str(tmp_path / "resumed"), resume=True)
-    assert_same_run(tmp_path / "resumed", tmp_path / "full")
+    assert_resume_from_half_ends_the_same(cfg, tmp_path)
