@@ -17,30 +17,41 @@ from test_bad_inputs_2 import config
 HANG_GUARD_S = 600
 
 
+def kill_if_running(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=60)
+
+
+def start_train_on_ray(cfg: Path, mode: str, run: Path, log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`metarec train CFG MODE` on both test sources, once its first step checkpoint is written."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "metarec.cli", "train", str(cfg), mode, "--out", str(run),
+                                 "--set", "data.sources=[src-a, src-b]", "--set", "ray.num_workers=2"],
+                                stdout=subprocess.DEVNULL, stderr=err, env=env)
+    deadline = time.monotonic() + HANG_GUARD_S  # only catches a hung start; the test waits for a state
+    while not any((run / "checkpoints").glob("step-*")):
+        if proc.poll() is not None or time.monotonic() >= deadline:
+            kill_if_running(proc)
+            raise AssertionError(f"no step checkpoint (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return proc
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["--ray", "--ray-train"])
 def test_sigterm_exits_143_cleanly(tmp_path, tiny_domains, mode):
     run, log = tmp_path / "run", tmp_path / "stderr.txt"
     cfg = config(tmp_path, tiny_domains, max_steps=100_000, eval_every=100_000, checkpoint_every=1)
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "metarec.cli", "train", str(cfg), mode, "--out", str(run),
-                                 "--set", "data.sources=[src-a, src-b]", "--set", "ray.num_workers=2"],
-                                stdout=subprocess.DEVNULL, stderr=err, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = start_train_on_ray(cfg, mode, run, log, dict(os.environ, OMP_NUM_THREADS="1"))
     try:
-        deadline = time.monotonic() + HANG_GUARD_S  # only catches a hung start; the test waits for a state
-        while not any((run / "checkpoints").glob("step-*")):
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no step checkpoint in time"
-            time.sleep(0.2)
         if mode == "--ray-train":  # the rendezvous and scratch folder is a hidden temp entry of the run directory
             assert [p.name.split(".tmp-")[0] for p in run.glob(".ray-train-scratch.tmp-*")] == [".ray-train-scratch"]
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=HANG_GUARD_S)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=60)
+        kill_if_running(proc)
     text = log.read_text()
     assert proc.returncode == 143, text[-3000:]
     assert "SIGTERM received" not in text and "Traceback (most recent call last)" not in _driver_lines(text), text[-3000:]
@@ -113,16 +124,8 @@ def test_sigkill_of_the_raylet_stops_the_run_with_one_line_and_exit_2(tmp_path, 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_TMPDIR=ray_tmp, HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
     try:
-        with open(log, "w") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "metarec.cli", "train", str(cfg), "--ray", "--out", str(run),
-                                     "--set", "data.sources=[src-a, src-b]", "--set", "ray.num_workers=2"],
-                                    stdout=subprocess.DEVNULL, stderr=err, env=env)
+        proc = start_train_on_ray(cfg, "--ray", run, log, env)
         try:
-            deadline = time.monotonic() + HANG_GUARD_S  # only catches a hung start; the test waits for a state
-            while not any((run / "checkpoints").glob("step-*")):
-                assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, "no step checkpoint in time"
-                time.sleep(0.2)
             instance = process_tree(proc.pid)
             instance.pop(proc.pid)
             raylets = [pid for pid in instance if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"raylet")]
@@ -130,9 +133,7 @@ def test_sigkill_of_the_raylet_stops_the_run_with_one_line_and_exit_2(tmp_path, 
             os.kill(raylets[0], signal.SIGKILL)
             proc.wait(timeout=HANG_GUARD_S)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=60)
+            kill_if_running(proc)
         text = log.read_text()
         errors = [line for line in text.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2, text[-3000:]
