@@ -24,7 +24,7 @@ import tempfile
 import torch
 import yaml
 from common import TimedRunner, bench_config, experiment_dir, header, prepare_shared_data, write_results
-from harmful_sources import SUFFIX, shuffled_copy
+from harmful_sources import harmful_copy, is_harmful
 
 from metarec.config import config_from_dict
 from metarec.train import Trainer
@@ -43,8 +43,8 @@ def record(args) -> list[dict]:
     """One row per task: iteration, source, mean cosine over its shared tensors (and by kind)."""
     root = prepare_shared_data()
     for source in args.sources:
-        if source.endswith(SUFFIX):
-            shuffled_copy(root, source[: -len(SUFFIX)])
+        if is_harmful(source):
+            harmful_copy(root, source)
     overrides = {"data.root": root, "data.sources": args.sources, "seed": args.seed, "train.progress": False,
                  "train.checkpoint_every": 0}
     overrides.update({k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.set)})

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import yaml
 from common import bench_config, experiment_dir, header, machine, ndcg_at_10, paired_bootstrap, prepare_shared_data
-from harmful_sources import SUFFIX, shuffled_copy
+from harmful_sources import harmful_copy, is_harmful
 from transfer import METHODS as TRANSFER_METHODS
 
 DEFAULT_SOURCES = ["amazon-beauty", "amazon-sports", "yelp", "movielens-1m"]
@@ -189,8 +189,8 @@ def load_tuned(name: str) -> dict:
 def cmd_run(args) -> None:
     root = prepare_shared_data()
     for source in args.sources:
-        if source.endswith(SUFFIX):
-            shuffled_copy(root, source[: -len(SUFFIX)])
+        if is_harmful(source):
+            harmful_copy(root, source)
     tuned = load_tuned(args.name)
     done = {key_of(r) for r in load_rows(args.name)}
     jobs = []
@@ -321,7 +321,7 @@ def main() -> None:
     ap.add_argument("--name", default="transfer_converge", help="experiment: results go to benchmarks/results/NAME/NAME.*")
     ap.add_argument("--target", default="amazon-video-games")
     ap.add_argument("--sources", nargs="+", default=DEFAULT_SOURCES,
-                    help="source domains (NAME-shuffled: a copy of NAME with every sequence permuted, see harmful_sources.py)")
+                    help="source domains (NAME-shuffled or NAME-random: a harmful copy of NAME, see harmful_sources.py)")
     ap.add_argument("--source-set", default=None, help="label of the source set, recorded in the rows (e.g. clean, harmful)")
     ap.add_argument("--target-users", type=int, nargs="+", default=[1000], help="0 = all users")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
