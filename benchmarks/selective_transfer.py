@@ -82,12 +82,16 @@ def plot(name: str, rows: list[dict]) -> None:
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    runs = [r for r in rows if r.get("source_set") not in (None, "clean") and r["method"].startswith("metarec") and r["seed"] == 0]
+    runs = [r for r in rows if r.get("source_set") not in (None, "clean") and r["method"].startswith("metarec") and r["seed"] == 0
+            and r["overrides"].get("rescale.enabled", True)]  # without rescaling every weight is 1
     if not runs:
         return
-    fig = Figure(figsize=(5.2 * len(runs), 4.2))
-    axes = fig.subplots(1, len(runs), squeeze=False)[0]
-    for ax, r in zip(axes, sorted(runs, key=lambda r: (r["source_set"], r["method"]))):
+    sets = sorted({r["source_set"] for r in runs})
+    methods = sorted({r["method"] for r in runs})
+    fig = Figure(figsize=(5.2 * len(methods), 4.2 * len(sets)))
+    axes = fig.subplots(len(sets), len(methods), squeeze=False)
+    for r in runs:
+        ax = axes[sets.index(r["source_set"])][methods.index(r["method"])]
         detail = json.loads(open(detail_path(name, key_of(r))).read())
         for source, (steps, avg) in sorted(relative_weights(detail).items()):
             ax.plot(steps, avg, label=source, lw=1.2)
@@ -96,6 +100,8 @@ def plot(name: str, rows: list[dict]) -> None:
         ax.set_xlabel("iteration")
         ax.set_ylabel(f"weight / equal share ({WINDOW}-iteration mean)")
         ax.legend(fontsize=7)
+    for ax in axes.flat:
+        ax.set_visible(ax.has_data())  # a (set, method) pair not run
     fig.tight_layout()
     fig.savefig(experiment_dir(name) / f"{name}_selective.png", dpi=110)
 
