@@ -371,6 +371,7 @@ def read_dir_files(location: Location, names: tuple[str, ...]) -> dict[str, byte
                 raise FileNotFoundError(errno.ENOENT, "no such file", join(location, name))
         return {name: read_bytes(join(location, name)) for name in names}
     path = resolve(location)[1]
+    absent = 0  # iterations in a row that found neither the directory nor a previous version
     for _ in range(SWAP_RETRIES):
         candidates = [path, *swap_leftovers(path)]
         for candidate in candidates:
@@ -390,7 +391,10 @@ def read_dir_files(location: Location, names: tuple[str, ...]) -> dict[str, byte
                     raise FileNotFoundError(errno.ENOENT, "no such file", os.path.join(path, name)) from None
             finally:
                 os.close(dir_fd)
-        if not swap_leftovers(path) and not os.path.isdir(path):
+        # Checked directory, leftovers, directory again: a replace between its two renames
+        # always shows one of them. Missing twice in a row means no replace is under way.
+        absent = absent + 1 if not os.path.isdir(path) and not swap_leftovers(path) and not os.path.isdir(path) else 0
+        if absent == 2:
             raise FileNotFoundError(errno.ENOENT, "no such directory", path)
         time.sleep(0.001)
     raise FileNotFoundError(errno.ENOENT, f"still being replaced after {SWAP_RETRIES} tries", path)
