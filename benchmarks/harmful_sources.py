@@ -24,7 +24,6 @@ from common import PREPARED, prepare_shared_data
 from metarec.data.prepare import prepare_domain, read_manifest, shared_data_dir
 
 
-
 def shuffled_lines(text: str, seed: int) -> str:
     """`USER ITEM ITEM ...` lines with each user's items permuted by one seeded generator."""
     rng = np.random.default_rng(seed)
@@ -46,13 +45,18 @@ def random_lines(text: str, seed: int) -> str:
 KINDS = {"-shuffled": shuffled_lines, "-random": random_lines}
 
 
+def kind_of(name: str) -> str | None:
+    """The suffix of KINDS that `name` ends with; None for a plain domain."""
+    return next((suffix for suffix in KINDS if name.endswith(suffix)), None)
+
+
 def is_harmful(name: str) -> bool:
-    return any(name.endswith(suffix) for suffix in KINDS)
+    return kind_of(name) is not None
 
 
 def harmful_copy(root: str, harmful: str, seed: int = 0) -> str:
     """Prepare NAME-KIND under `root` (idempotent for the same source file and seed); returns its name."""
-    suffix = next((s for s in KINDS if harmful.endswith(s)), None)
+    suffix = kind_of(harmful)
     if suffix is None:
         raise ValueError(f"{harmful!r}: a harmful source is NAME{' or NAME'.join(KINDS)}")
     name = harmful[: -len(suffix)]

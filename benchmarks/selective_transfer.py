@@ -5,8 +5,8 @@ other source set (e.g. `harmful`; same target, method and seed) and reports, per
 set, the change of test NDCG@10 from the clean set, with a paired 95% bootstrap interval
 over test users (the other set's per-user NDCG@10 minus the clean run's). The plot shows
 each source's weight over training in every MetaRec run with a non-clean set, relative to
-an equal share (1 = the uniform weight 1/k of the k tasks in that iteration; a 100-
-iteration moving average, since a source is in only some iterations' tasks).
+an equal share (1 = the uniform weight 1/k of the k tasks in that iteration), averaged
+over the source's last 100 iterations with a task (a source is in only some iterations).
 
     python benchmarks/transfer_converge.py run --name scientific ... --source-set clean
     python benchmarks/transfer_converge.py run --name scientific ... --source-set harmful
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from pathlib import Path
 
 import numpy as np
 from common import experiment_dir, header, paired_bootstrap
@@ -30,7 +31,7 @@ def pairs(rows: list[dict]) -> dict[tuple[str, str], list[tuple[dict, dict]]]:
     """(clean row, other row) per (method, other source set), for every seed that has both."""
     by_key = {key_of(r): r for r in rows}
     out: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
-    for key, other in sorted(by_key.items(), key=lambda kv: str(kv[0])):
+    for key, other in by_key.items():
         if key[4] in (None, "clean"):
             continue
         clean = by_key.get((*key[:4], "clean"))
@@ -59,7 +60,7 @@ def summarize(name: str, method: str, source_set: str, runs: list[tuple[dict, di
 
 
 def relative_weights(detail: dict) -> dict[str, tuple[list[int], list[float]]]:
-    """Per source: (iteration, moving average of k·w) over the iterations it was in."""
+    """Per source: (iteration, mean k·w over its last WINDOW iterations with a task), k tasks per iteration."""
     series: dict[str, tuple[list[int], list[float]]] = {}
     for w in detail["source_weights"]:
         k = len(w) - 1  # the sources in this iteration's tasks (the rest of the keys)
@@ -92,13 +93,13 @@ def plot(name: str, rows: list[dict]) -> None:
     axes = fig.subplots(len(sets), len(methods), squeeze=False)
     for r in runs:
         ax = axes[sets.index(r["source_set"])][methods.index(r["method"])]
-        detail = json.loads(open(detail_path(name, key_of(r))).read())
+        detail = json.loads(Path(detail_path(name, key_of(r))).read_text())
         for source, (steps, avg) in sorted(relative_weights(detail).items()):
             ax.plot(steps, avg, label=source, lw=1.2)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_title(f"{r['method']}\n{r['source_set']} sources, seed 0 (test NDCG@10 {r['NDCG@10']:.4f})", fontsize=8)
         ax.set_xlabel("iteration")
-        ax.set_ylabel(f"weight / equal share ({WINDOW}-iteration mean)")
+        ax.set_ylabel(f"weight / equal share (mean of its last {WINDOW} tasks)")
         ax.legend(fontsize=7)
     for ax in axes.flat:
         ax.set_visible(ax.has_data())  # a (set, method) pair not run
