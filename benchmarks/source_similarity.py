@@ -62,7 +62,8 @@ def record(args) -> list[dict]:
                     sims = [r.sims[n] for n in sorted(shared) if n in r.sims]
                     backbone = [r.sims[n] for n in sorted(shared) if n in r.sims and not n.startswith(("items.", "bias."))]
                     rows.append({"iteration": it, "source": r.source, "cosine": statistics.fmean(sims) if sims else 0.0,
-                                 "backbone cosine": statistics.fmean(backbone) if backbone else 0.0, "tensors": len(sims)})
+                                 "backbone cosine": statistics.fmean(backbone) if backbone else 0.0, "tensors": len(sims),
+                                 **({"target gain": r.stats["target_gain"]} if "target_gain" in r.stats else {})})
                 if it % 25 == 0:
                     print(f"iteration {it}: " + ", ".join(f"{r.source} {rows[-len(timed.results) + k]['cosine']:+.3f}"
                                                          for k, r in enumerate(timed.results)), file=sys.stderr, flush=True)

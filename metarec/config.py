@@ -182,6 +182,10 @@ class RescaleConfig(_Section):
     direction: Literal["source_descent", "paper_literal"] = Field(
         "source_descent", description="similarity of the target gradient with theta - phi (source_descent) or phi - theta (paper_literal)"
     )
+    signal: Literal["cosine", "target_gain", "source_fit"] = Field(
+        "cosine",
+        description="what Eq. (7)'s softmax weighs: the paper's per-tensor cosine (Eq. 6); target_gain: how much the task's inner step lowered the target loss on its target batch, L_target(theta) - L_target(phi_i) without dropout; source_fit: minus the task's source loss at theta (a source the model predicts better weighs more). The last two are the same for every tensor of the task and are standardized over the iteration's tasks",
+    )
     smoothing: float = Field(
         0.0, ge=0, lt=1,
         description="beta of each source's moving average of its similarity relative to the iteration's other tasks, used in the softmax instead of the iteration's own similarity (0 = the paper's per-iteration similarity)",

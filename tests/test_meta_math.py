@@ -16,6 +16,7 @@ from metarec.meta import (
     inner_loop,
     run_task,
     smooth_similarities,
+    standardize,
     softmax_weights,
     source_loss_options,
     tensor_similarities,
@@ -252,6 +253,19 @@ def test_smoothing_separates_a_consistently_less_similar_source_from_noise():
             smooth_c.append(softmax_weights({i: s["w"] for i, s in enumerate(smoothed)}, 0.02)[2])
     assert max(smooth_c) < 0.2 < 1 / 3 < max(raw_c)
     assert sum(smooth_c) / len(smooth_c) < 0.15
+
+
+def test_standardize_gives_scale_free_z_scores_per_tensor():
+    touched = [{"w", "items.a"}, {"w"}, {"w"}]
+    gains = [{"w": 3e-4, "items.a": 3e-4}, {"w": 1e-4}, {"w": 2e-4}]
+    z = standardize(gains, touched)
+    sd = (2 / 3) ** 0.5 * 1e-4
+    assert [r["w"] for r in z] == pytest.approx([1e-4 / sd, -1e-4 / sd, 0.0])
+    assert z[0]["items.a"] == 0.0  # one task touched it
+    scaled = standardize([{k: v * 1e3 for k, v in g.items()} for g in gains], touched)
+    assert [r["w"] for r in scaled] == pytest.approx([r["w"] for r in z])  # no unit
+    assert [r["w"] for r in standardize([{"w": 0.5}, {"w": 0.5}], [{"w"}, {"w"}])] == [0.0, 0.0]  # a tie
+    assert gains[1] == {"w": 1e-4}  # inputs untouched
 
 
 def test_check_similarity_state_refuses_bad_shapes():

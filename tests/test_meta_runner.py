@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 from collections import Counter
 
@@ -122,6 +123,35 @@ def test_run_task_result_contents_and_purity():
     assert first.stats["source_loss"] > 0 and first.stats["target_loss"] > 0 and first.stats["vq_loss"] > 0
 
 
+def test_target_gain_and_source_fit_signals_replace_the_cosine_on_every_tensor():
+    """`rescale.signal: target_gain`: s_i^p = L_target(θ) − L_target(φ_i) on the task's target batch,
+    without dropout, for every touched tensor; `source_fit`: minus the source loss at θ. The meta
+    gradient is the same as with the cosine."""
+    cosine_cfg = toy_config(meta={"persist_shared": 1.0}, model={"hidden": 8, "dropout": 0.5})
+    gain_cfg = cosine_cfg.model_copy(update={"rescale": cosine_cfg.rescale.model_copy(update={"signal": "target_gain"})})
+    model, ctx = toy_setup(cosine_cfg)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    spec = next(s for s in toy_sampler(ctx).sample(0) if s.source == "a")
+    cosine = run_task(params, spec, ctx)
+    gain = run_task(params, spec, dataclasses.replace(ctx, cfg=gain_cfg))
+    assert "target_gain" not in cosine.stats and model.training
+    assert set(gain.sims) == gain.touched == cosine.touched
+    assert set(gain.sims.values()) == {gain.stats["target_gain"]}
+    assert all(torch.equal(gain.meta_grad[n], cosine.meta_grad[n]) for n in cosine.meta_grad)
+    phi = {n: params[n] + gain.source_delta.get(n, 0) for n in params}  # persist_shared sends every moved tensor's φ − θ
+    inputs, labels = ctx.windows["t"].batch(spec.target_rows)
+    model.eval()
+    with torch.no_grad():
+        before, after = (float(domain_loss(model, p, "t", inputs, labels, target="t").total) for p in (params, phi))
+    model.train()
+    assert gain.stats["target_gain"] == pytest.approx(before - after, rel=1e-4, abs=1e-7)
+    assert gain.stats["target_gain"] != 0
+    fit_cfg = cosine_cfg.model_copy(update={"rescale": cosine_cfg.rescale.model_copy(update={"signal": "source_fit"})})
+    fit = run_task(params, spec, dataclasses.replace(ctx, cfg=fit_cfg))
+    assert set(fit.sims) == fit.touched and set(fit.sims.values()) == {-fit.stats["source_loss"]}
+    assert all(torch.equal(fit.meta_grad[n], cosine.meta_grad[n]) for n in cosine.meta_grad)
+
+
 def test_nan_in_a_source_table_names_the_tensor():
     cfg = toy_config()
     model, ctx = toy_setup(cfg)
@@ -169,6 +199,26 @@ def test_outer_sgd_step_is_eq8_with_clipping():
     apply_meta_update(params, torch.optim.SGD(params.values(), lr=1.0), LocalRunner(ctx).run_tasks(params, toy_sampler(ctx).sample(0)), clipped, 0)
     moved = torch.cat([(p.detach() - before[n]).reshape(-1) for n, p in params.items()])
     assert 0 < float(torch.linalg.vector_norm(moved)) <= 1e-3 * (1 + 1e-5)
+
+
+def test_outer_step_weights_standardized_signals_without_units():
+    """With `rescale.signal` target_gain or source_fit the outer step weights the iteration's
+    z-scores: gains 1e-6 apart separate at τ = 0.1 as much as losses 1.0 apart; the
+    paper's cosine keeps its units (equal weights)."""
+    def weights(signal, sims):
+        cfg = toy_config(meta={"source_params": "meta_only", "tasks_per_iter": 2}, rescale={"signal": signal, "tau": 0.1})
+        model, ctx = toy_setup(cfg)
+        params = dict(model.named_parameters())
+        results = LocalRunner(ctx).run_tasks(params, toy_sampler(ctx).sample(0))
+        for r, s in zip(sorted(results, key=lambda r: r.index), sims):
+            r.sims = {n: s for n in r.touched}
+        info = apply_meta_update(params, torch.optim.SGD(params.values(), lr=0.1), results, cfg, 0)
+        return [info["weights"][r.source] for r in sorted(results, key=lambda r: r.index)]
+
+    tiny = weights("target_gain", [1e-6, 0.0])  # z-scores +1, -1: weights 1 / (1 + e^-20)
+    assert tiny == pytest.approx(weights("source_fit", [1.0, 0.0]), rel=1e-6)
+    assert tiny == pytest.approx([1.0, math.exp(-20)], rel=1e-6, abs=1e-12)
+    assert weights("cosine", [1e-6, 0.0]) == pytest.approx([0.5, 0.5], rel=1e-4)
 
 
 SOURCE_TABLES = ("items.a", "items.b", "bias.a", "bias.b")

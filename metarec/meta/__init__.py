@@ -9,6 +9,7 @@ from metarec.meta.rescale import (
     descent_direction,
     smooth_similarities,
     softmax_weights,
+    standardize,
     tensor_similarities,
 )
 from metarec.meta.run_task import TaskContext, TaskResult, run_task, source_loss_options
@@ -29,6 +30,7 @@ __all__ = [
     "smooth_similarities",
     "softmax_weights",
     "source_loss_options",
+    "standardize",
     "task_seed",
     "task_weight",
     "tensor_similarities",

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from metarec.config import Config
-from metarec.meta.rescale import SimilarityState, combine, smooth_similarities
+from metarec.meta.rescale import SimilarityState, combine, smooth_similarities, standardize
 from metarec.meta.run_task import TaskResult, source_only_names
 from metarec.optimizer import clip_check_step
 
@@ -106,7 +106,8 @@ def apply_meta_update(
 ) -> dict[str, Any]:
     """One outer update of the live parameters from the iteration's task results.
 
-    .grad of p = Σ_i w_i^p g_i^p (rescale.enabled, τ = rescale.tau; else the uniform
+    .grad of p = Σ_i w_i^p g_i^p (rescale.enabled, τ = rescale.tau, the similarities
+    standardized per iteration with `rescale.signal` other than cosine; else the uniform
     mean over the tasks that touched p), plus `source_gradient` with `meta.source_grad`; tensors without any meta gradient get
     .grad = None, so the optimizer leaves them alone. Then clip, finiteness check,
     optimizer.step(). Then `inner_changes` (source tables with
@@ -123,9 +124,11 @@ def apply_meta_update(
     results = sorted(results, key=lambda r: r.index)
     if not results:
         raise ValueError(f"no task results for iteration {iteration}")
+    sims = [r.sims for r in results]
+    if cfg.rescale.signal != "cosine":
+        sims = standardize(sims, [r.touched for r in results])
     sims, similarity = smooth_similarities(
-        [r.source for r in results], [r.sims for r in results], [r.touched for r in results],
-        similarity or {}, cfg.rescale.smoothing,
+        [r.source for r in results], sims, [r.touched for r in results], similarity or {}, cfg.rescale.smoothing,
     )
     grad, weights = combine(
         [r.meta_grad for r in results],

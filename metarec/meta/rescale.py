@@ -88,6 +88,28 @@ def softmax_weights(sims: dict[int, float], tau: float) -> dict[int, float]:
     return {i: v / total for i, v in scaled.items()}
 
 
+def standardize(sims: list[dict[str, float]], touched: list[set[str]], eps: float = 1e-12) -> list[dict[str, float]]:
+    """Per tensor p, the tasks' similarities as z-scores over the tasks that touched p.
+
+    For `rescale.signal` target_gain and source_fit (docs/design.md §4, not in the paper): a
+    task's signal is in loss units, whose scale changes along training and between datasets, so
+    Eq. (7)'s τ could not be set once. Centred on the mean and divided by the standard
+    deviation over the iteration's tasks (population; `eps` keeps a tie at 0), it is in
+    units of the iteration's spread, so τ = 0.1 means the same at step 10 and step 10,000.
+    A tensor only one task touched gets 0 (its weight is 1 whatever it is). Lists are
+    aligned by task; the inputs are not modified.
+    """
+    out = [dict(s) for s in sims]
+    for name in sorted(set().union(*touched)):
+        tasks = [i for i, t in enumerate(touched) if name in t]
+        values = [sims[i].get(name, 0.0) for i in tasks]
+        mean = sum(values) / len(values)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+        for i, v in zip(tasks, values):
+            out[i][name] = (v - mean) / sd if sd > eps else 0.0
+    return out
+
+
 SimilarityState = dict[str, dict[str, float]]  # {source: {tensor: smoothed relative similarity}}
 
 

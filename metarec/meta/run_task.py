@@ -59,7 +59,8 @@ class TaskResult:
     (θ − φ_i) / α = the sum of its inner-loop gradients (one step: ∇_θ of the source loss
     at θ) for the shared tensors the inner loop moved, when `meta.source_grad` > 0
     (docs/design.md Eq. (8b)). stats: source_loss (recommendation loss at θ), vq_loss
-    (at θ), target_loss (at φ_i), seconds.
+    (at θ), target_loss (at φ_i), seconds; target_gain with
+    `rescale.signal: target_gain`.
     """
 
     index: int
@@ -132,12 +133,31 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+def target_gain(model: nn.Module, theta: dict, phi: dict, target: str, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+    """L_target(θ) − L_target(φ) on one target batch, without dropout (`rescale.signal: target_gain`).
+
+    How much the task's inner step on its source lowered the target loss: positive when
+    the source's step helps the target. Not in the paper (docs/design.md §4); it replaces
+    the per-tensor cosine of Eq. (6) in the softmax of Eq. (7). Leaves the model in
+    training mode.
+    """
+    model.eval()
+    try:
+        with torch.no_grad():
+            before, after = (domain_loss(model, p, target, inputs, labels, target=target, fused_ce=True).total for p in (theta, phi))
+            return float((before - after).item())
+    finally:
+        model.train()
+
+
 def run_task(params: dict[str, torch.Tensor], task: TaskSpec, ctx: TaskContext) -> TaskResult:
     """Inner loop on the task's source batch, meta gradient on its target batch (docs/design.md §4 steps 2–4).
 
     θ = `params` detached (fresh leaves; `params` are never modified), φ = inner_loop(θ)
     on L_src + L_vq, g = d L_target(φ)/dθ (second order unless `meta.first_order`),
-    and per tensor s^p = cos(g^p, u^p) with u = descent_direction(θ, φ). Dropout is on
+    and per tensor s^p = cos(g^p, u^p) with u = descent_direction(θ, φ) (or, with
+    `rescale.signal: target_gain`, s^p = `target_gain`, with `source_fit` minus the source
+    loss at θ, for every touched tensor). Dropout is on
     and seeded with `task.seed`. Raises NonFiniteError naming the loss or tensor, the
     source and the iteration.
     """
@@ -177,6 +197,15 @@ def run_task(params: dict[str, torch.Tensor], task: TaskSpec, ctx: TaskContext) 
     meta_grad = dict(zip(names, grads))
     directions = {n: None if phi[n] is theta[n] else descent_direction(theta[n], phi[n], cfg.rescale.direction) for n in names}
     sims, touched, norms = tensor_similarities(meta_grad, directions)
+    extra = {}
+    if cfg.rescale.signal == "target_gain":
+        gain = target_gain(model, theta, phi, ctx.target, tgt_inputs, tgt_labels)
+        if not math.isfinite(gain):
+            _raise_nonfinite_loss("target loss without dropout", task, {**theta, **phi}, "parameters or inner-loop values")
+        sims = {n: gain for n in touched}
+        extra["target_gain"] = gain
+    elif cfg.rescale.signal == "source_fit":
+        sims = {n: -first_rec for n in touched}
     for name, (g_norm, u_norm) in norms.items():
         if not math.isfinite(g_norm):
             raise NonFiniteError(f"non-finite meta gradient for tensor {name} in {_describe(task)}")
@@ -195,6 +224,7 @@ def run_task(params: dict[str, torch.Tensor], task: TaskSpec, ctx: TaskContext) 
             "source_loss": first_rec,
             "vq_loss": first_vq,
             "target_loss": losses[-1],
+            **extra,
             "seconds": time.perf_counter() - start,
         },
     )
