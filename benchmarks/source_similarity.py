@@ -6,11 +6,17 @@ tasks of the iteration also touch). Per source: the mean over tasks and tensors,
 spread, and the per-iteration mean smoothed over time. If a harmful source (its sequences
 shuffled, or a distant domain) has a lower mean than the useful ones, but the per-task
 values are too noisy for the per-iteration softmax to separate them, the weights stay
-near 1/n even though the signal is there.
+near 1/n even though the signal is there. With `--set rescale.signal=target_gain` (or
+`source_fit`) it records that signal instead (docs/design.md §4), before its standardization.
 
     python benchmarks/source_similarity.py --config scientific/metarec \
         --sources amazon-beauty amazon-sports amazon-video-games amazon-beauty-shuffled movielens-1m \
         --set model.dropout=0.5 --iterations 300 --experiment scientific --name source_similarity
+    # the signals of rescale.signal, on the three Amazon sources plus three random copies:
+    python benchmarks/source_similarity.py --sources amazon-beauty amazon-sports amazon-video-games \
+        amazon-beauty-random amazon-sports-random amazon-video-games-random \
+        --set model.dropout=0.5 train.batch_size=256 train.lr=0.000994 train.batch_order=epoch \
+        rescale.signal=target_gain --iterations 240 --name gain_noise   # source_fit: 120, fit_noise
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ from harmful_sources import harmful_copy, is_harmful
 
 from metarec.config import config_from_dict
 from metarec.train import Trainer
+
+
+# what the recorded per-task value is, by `rescale.signal` (run_task puts the signal in place of the cosine)
+SIGNAL_LABELS = {"cosine": "cosine", "target_gain": "target gain", "source_fit": "minus source loss"}
 
 
 def shared_tensors(results) -> list[set[str]]:
@@ -102,7 +112,7 @@ def summary(rows: list[dict], sources: list[str], parts: int = 3) -> list[dict]:
     return out
 
 
-def plot(rows: list[dict], sources: list[str], path, beta: float = 0.95) -> None:
+def plot(rows: list[dict], sources: list[str], path, beta: float = 0.95, ylabel: str = "cos(target meta gradient, source step)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,8 +127,8 @@ def plot(rows: list[dict], sources: list[str], path, beta: float = 0.95) -> None
             ys.append(ema)
         ax.plot(xs, ys, label=s)
     ax.set_xlabel("outer iteration")
-    ax.set_ylabel(f"cos(target meta gradient, source step), EMA {beta}")
-    ax.set_title("per-source similarity over training (shared tensors)", fontsize=9)
+    ax.set_ylabel(f"{ylabel}, EMA {beta}")
+    ax.set_title("per-source rescaling signal over training (shared tensors)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -137,12 +147,16 @@ def main() -> None:
     args = ap.parse_args()
     tasks = experiment_dir(args.experiment) / f"{args.name}_tasks.json"
     rows = json.loads(tasks.read_text()) if args.from_tasks else record(args)
-    table = summary(rows, args.sources)
-    meta = header("Per-source similarity of the rescaling (Eq. 6) over MetaRec training", f"{args.iterations} outer iterations, seed {args.seed}, one thread")
+    signal = next((yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.set) if k == "rescale.signal"), "cosine")
+    label = SIGNAL_LABELS[signal]
+    table = [{k.replace("cosine", label): v for k, v in r.items()} for r in summary(rows, args.sources)]
+    what = "similarity of the rescaling (Eq. 6)" if signal == "cosine" else f"rescaling signal `{signal}` ({label}, before standardization)"
+    meta = header(f"Per-source {what} over MetaRec training", f"{args.iterations} outer iterations, seed {args.seed}, one thread")
     write_results(args.name, meta, table, experiment=args.experiment)
     if not args.from_tasks:
         tasks.write_text(json.dumps(rows) + "\n")
-    plot(rows, args.sources, experiment_dir(args.experiment) / f"{args.name}.png")
+    plot(rows, args.sources, experiment_dir(args.experiment) / f"{args.name}.png",
+         ylabel="cos(target meta gradient, source step)" if signal == "cosine" else label)
     for r in table:
         print(r)
 
