@@ -37,7 +37,7 @@ from metarec.train import Trainer
 
 
 # what the recorded per-task value is, by `rescale.signal` (run_task puts the signal in place of the cosine)
-SIGNAL_LABELS = {"cosine": "cosine", "target_gain": "target gain", "source_fit": "minus source loss", "source_gain": "source gain"}
+SIGNAL_LABELS = {"cosine": "cosine", "target_gain": "target gain", "source_fit": "minus source loss"}
 
 
 def shared_tensors(results) -> list[set[str]]:

@@ -182,9 +182,9 @@ class RescaleConfig(_Section):
     direction: Literal["source_descent", "paper_literal"] = Field(
         "source_descent", description="similarity of the target gradient with theta - phi (source_descent) or phi - theta (paper_literal)"
     )
-    signal: Literal["cosine", "target_gain", "source_fit", "source_gain"] = Field(
+    signal: Literal["cosine", "target_gain", "source_fit"] = Field(
         "cosine",
-        description="what Eq. (7)'s softmax weighs: the paper's per-tensor cosine (Eq. 6); target_gain: how much the task's inner step lowered the target loss on its target batch, L_target(theta) - L_target(phi_i) without dropout; source_fit: minus the task's source loss at theta; source_gain: how much the inner step lowered the source loss on a second batch of the same source (does what it learnt generalize?), softmax over log of its positive part, so weights are proportional to it at tau = 1. All but cosine are the same for every tensor of the task; target_gain and source_fit are standardized over the iteration's tasks",
+        description="what Eq. (7)'s softmax weighs: the paper's per-tensor cosine (Eq. 6); target_gain: how much the task's inner step lowered the target loss on its target batch, L_target(theta) - L_target(phi_i) without dropout; source_fit: minus the task's source loss at theta (a source the model predicts better weighs more). The last two are the same for every tensor of the task and are standardized over the iteration's tasks",
     )
     smoothing: float = Field(
         0.0, ge=0, lt=1,

@@ -15,7 +15,6 @@ from metarec.meta import (
     descent_direction,
     inner_loop,
     run_task,
-    log_positive,
     smooth_similarities,
     standardize,
     softmax_weights,
@@ -267,24 +266,6 @@ def test_standardize_gives_scale_free_z_scores_per_tensor():
     assert [r["w"] for r in scaled] == pytest.approx([r["w"] for r in z])  # no unit
     assert [r["w"] for r in standardize([{"w": 0.5}, {"w": 0.5}], [{"w"}, {"w"}])] == [0.0, 0.0]  # a tie
     assert gains[1] == {"w": 1e-4}  # inputs untouched
-
-
-def test_log_positive_turns_eq7_into_weights_proportional_to_the_positive_part():
-    touched = [{"w", "items.a"}, {"w"}, {"w"}]
-    logs = log_positive([{"w": 2e-4, "items.a": 5.0}, {"w": 1e-4}, {"w": -1e-4}], touched)
-    w = softmax_weights({i: r["w"] for i, r in enumerate(logs)}, 1.0)
-    assert [w[i] for i in range(3)] == pytest.approx([2 / 3.002, 1 / 3.002, 0.002 / 3.002])
-    w_half = softmax_weights({i: r["w"] for i, r in enumerate(logs)}, 0.5)  # τ = 0.5: squares
-    assert w_half[0] / w_half[1] == pytest.approx(4.0)
-    assert logs[0]["items.a"] == 0.0  # one task touched it
-    assert [r["w"] for r in log_positive([{"w": -1.0}, {"w": 0.0}], [{"w"}, {"w"}])] == [0.0, 0.0]
-
-
-def test_uncentred_smoothing_averages_the_values_themselves():
-    out1, s1 = smooth_similarities(["a", "b"], [{"w": 0.3}, {"w": 0.1}], [{"w"}, {"w"}], {}, 0.9, centre=False)
-    assert [r["w"] for r in out1] == pytest.approx([0.3, 0.1])
-    out2, _ = smooth_similarities(["a", "b"], [{"w": 0.0}, {"w": 0.1}], [{"w"}, {"w"}], s1, 0.9, centre=False)
-    assert [r["w"] for r in out2] == pytest.approx([0.27, 0.1])
 
 
 def test_check_similarity_state_refuses_bad_shapes():

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from metarec.config import Config
-from metarec.meta.rescale import SimilarityState, combine, log_positive, smooth_similarities, standardize
+from metarec.meta.rescale import SimilarityState, combine, smooth_similarities, standardize
 from metarec.meta.run_task import TaskResult, source_only_names
 from metarec.optimizer import clip_check_step
 
@@ -107,8 +107,7 @@ def apply_meta_update(
     """One outer update of the live parameters from the iteration's task results.
 
     .grad of p = Σ_i w_i^p g_i^p (rescale.enabled, τ = rescale.tau, the similarities
-    standardized per iteration with `rescale.signal` target_gain or source_fit, through
-    `log_positive` after the smoothing with source_gain; else the uniform
+    standardized per iteration with `rescale.signal` other than cosine; else the uniform
     mean over the tasks that touched p), plus `source_gradient` with `meta.source_grad`; tensors without any meta gradient get
     .grad = None, so the optimizer leaves them alone. Then clip, finiteness check,
     optimizer.step(). Then `inner_changes` (source tables with
@@ -125,14 +124,12 @@ def apply_meta_update(
     results = sorted(results, key=lambda r: r.index)
     if not results:
         raise ValueError(f"no task results for iteration {iteration}")
-    sims, touched, signal = [r.sims for r in results], [r.touched for r in results], cfg.rescale.signal
-    if signal in ("target_gain", "source_fit"):
-        sims = standardize(sims, touched)
+    sims = [r.sims for r in results]
+    if cfg.rescale.signal != "cosine":
+        sims = standardize(sims, [r.touched for r in results])
     sims, similarity = smooth_similarities(
-        [r.source for r in results], sims, touched, similarity or {}, cfg.rescale.smoothing, centre=signal != "source_gain",
+        [r.source for r in results], sims, [r.touched for r in results], similarity or {}, cfg.rescale.smoothing,
     )
-    if signal == "source_gain":
-        sims = log_positive(sims, touched)
     grad, weights = combine(
         [r.meta_grad for r in results],
         sims,

@@ -110,25 +110,6 @@ def standardize(sims: list[dict[str, float]], touched: list[set[str]], eps: floa
     return out
 
 
-def log_positive(sims: list[dict[str, float]], touched: list[set[str]], floor: float = 1e-3) -> list[dict[str, float]]:
-    """Per tensor p, s_i^p ← log max(s_i^p, floor · max_j s_j^p) over the tasks that touched p.
-
-    For `rescale.signal: source_gain` (docs/design.md §4, not in the paper): with these
-    similarities Eq. (7) gives w_i ∝ (s_i^+)^{1/τ}, at τ = 1 weights proportional to each
-    task's gain, so a source that gains nothing gets at most `floor` of the best one's
-    weight and sources that gain alike share alike (a softmax of the gains themselves
-    would hand nearly everything to the best one). When no task gains (max ≤ 0) every
-    task gets 0, equal weights. A tensor only one task touched gets 0 (its weight is 1).
-    """
-    out = [dict(s) for s in sims]
-    for name in sorted(set().union(*touched)):
-        tasks = [i for i, t in enumerate(touched) if name in t]
-        top = max(sims[i].get(name, 0.0) for i in tasks)
-        for i in tasks:
-            out[i][name] = math.log(max(sims[i].get(name, 0.0), floor * top)) if top > 0 and len(tasks) > 1 else 0.0
-    return out
-
-
 SimilarityState = dict[str, dict[str, float]]  # {source: {tensor: smoothed relative similarity}}
 
 
@@ -138,7 +119,6 @@ def smooth_similarities(
     touched: list[set[str]],
     state: SimilarityState,
     beta: float,
-    centre: bool = True,
 ) -> tuple[list[dict[str, float]], SimilarityState]:
     """Each source's moving average of its *relative* similarity, used in place of s_i^p in Eq. (7).
 
@@ -152,9 +132,6 @@ def smooth_similarities(
     task of source s gets s_i^p = m_s^p. Tensors touched by one task keep their own
     similarity (its weight is 1 whatever it is). `beta = 0` returns `sims` unchanged.
 
-    `centre=False` averages the values themselves (`rescale.signal: source_gain`, whose
-    weights depend on its level, not only on differences).
-
     Lists are aligned by task (task i is position i); `state` is not modified. Returns
     (the similarities to weight with, the new state).
     """
@@ -166,7 +143,7 @@ def smooth_similarities(
         tasks = [i for i, t in enumerate(touched) if name in t]
         if len(tasks) < 2:
             continue
-        mean = sum(sims[i].get(name, 0.0) for i in tasks) / len(tasks) if centre else 0.0
+        mean = sum(sims[i].get(name, 0.0) for i in tasks) / len(tasks)
         centred: dict[str, list[float]] = {}
         for i in tasks:
             centred.setdefault(sources[i], []).append(sims[i].get(name, 0.0) - mean)

@@ -59,8 +59,8 @@ class TaskResult:
     (θ − φ_i) / α = the sum of its inner-loop gradients (one step: ∇_θ of the source loss
     at θ) for the shared tensors the inner loop moved, when `meta.source_grad` > 0
     (docs/design.md Eq. (8b)). stats: source_loss (recommendation loss at θ), vq_loss
-    (at θ), target_loss (at φ_i), seconds; target_gain or source_gain with that
-    `rescale.signal`.
+    (at θ), target_loss (at φ_i), seconds; target_gain with
+    `rescale.signal: target_gain`.
     """
 
     index: int
@@ -150,32 +150,6 @@ def target_gain(model: nn.Module, theta: dict, phi: dict, target: str, inputs: t
         model.train()
 
 
-def source_gain(model: nn.Module, theta: dict, phi: dict, task: TaskSpec, ctx: "TaskContext") -> float:
-    """L_src(θ) − L_src(φ) on the task's second source batch (`probe_rows`), without dropout
-    and with the same sampled negatives for both (`rescale.signal: source_gain`).
-
-    Does what the inner step learnt from the source batch hold on other sequences of the
-    same source? About 0 for a source with nothing to learn (random items), positive for
-    one with structure, and it shrinks as the model has learnt a source, so a source that
-    is already fit does not keep taking the weight. Not in the paper (docs/design.md §4).
-    Leaves the model in training mode.
-    """
-    if task.probe_rows is None:
-        raise ValueError(f"rescale.signal source_gain needs a second source batch, and {_describe(task)} has none")
-    device = torch.device(ctx.device)
-    inputs, labels = (t.to(device) for t in ctx.windows[task.source].batch(task.probe_rows))
-    options = source_loss_options(ctx.cfg)
-    model.eval()
-    try:
-        losses = []
-        for p in (theta, phi):
-            with seeded_rng(task.seed, device), torch.no_grad():
-                losses.append(domain_loss(model, p, task.source, inputs, labels, target=ctx.target, fused_ce=True, **options).rec)
-        return float((losses[0] - losses[1]).item())
-    finally:
-        model.train()
-
-
 def run_task(params: dict[str, torch.Tensor], task: TaskSpec, ctx: TaskContext) -> TaskResult:
     """Inner loop on the task's source batch, meta gradient on its target batch (docs/design.md §4 steps 2–4).
 
@@ -183,7 +157,7 @@ def run_task(params: dict[str, torch.Tensor], task: TaskSpec, ctx: TaskContext) 
     on L_src + L_vq, g = d L_target(φ)/dθ (second order unless `meta.first_order`),
     and per tensor s^p = cos(g^p, u^p) with u = descent_direction(θ, φ) (or, with
     `rescale.signal: target_gain`, s^p = `target_gain`, with `source_fit` minus the source
-    loss at θ, with `source_gain` its `source_gain`, for every touched tensor). Dropout is on
+    loss at θ, for every touched tensor). Dropout is on
     and seeded with `task.seed`. Raises NonFiniteError naming the loss or tensor, the
     source and the iteration.
     """
@@ -232,12 +206,6 @@ def run_task(params: dict[str, torch.Tensor], task: TaskSpec, ctx: TaskContext) 
         extra["target_gain"] = gain
     elif cfg.rescale.signal == "source_fit":
         sims = {n: -first_rec for n in touched}
-    elif cfg.rescale.signal == "source_gain":
-        gain = source_gain(model, theta, phi, task, ctx)
-        if not math.isfinite(gain):
-            _raise_nonfinite_loss("source loss on the second batch", task, {**theta, **phi}, "parameters or inner-loop values")
-        sims = {n: gain for n in touched}
-        extra["source_gain"] = gain
     for name, (g_norm, u_norm) in norms.items():
         if not math.isfinite(g_norm):
             raise NonFiniteError(f"non-finite meta gradient for tensor {name} in {_describe(task)}")

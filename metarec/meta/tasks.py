@@ -35,7 +35,6 @@ class TaskSpec:
     source_rows: np.ndarray
     target_rows: np.ndarray
     seed: int
-    probe_rows: np.ndarray | None = None  # a second source batch (`rescale.signal: source_gain`)
 
 
 def task_seed(seed: int, iteration: int, index: int) -> int:
@@ -67,7 +66,6 @@ class TaskSampler:
         sampling: Literal["uniform", "proportional"] = "uniform",
         seed: int = 0,
         target_order: Literal["random", "epoch"] = "random",
-        probe: bool = False,
     ):
         if not sources:
             raise ValueError("TaskSampler needs at least one source domain")
@@ -87,15 +85,13 @@ class TaskSampler:
         self.sampling = sampling
         self.seed = seed
         self.target_order = target_order
-        self.probe = probe
         self._rng = np.random.default_rng(np.random.SeedSequence(seed & _SEED_MASK))
 
     @classmethod
     def from_config(cls, cfg: Config, windows: Mapping[str, Sized]) -> "TaskSampler":
         """The sampler of a run: `data.sources`, `meta.tasks_per_iter` tasks, batches of
         `meta.source_batch_size` (default `train.batch_size`) and `train.batch_size` rows
-        of `windows`, `data.source_sampling`, seeded with `seed`; with `rescale.signal:
-        source_gain` each task also gets a second source batch (`probe_rows`)."""
+        of `windows`, `data.source_sampling`, seeded with `seed`."""
         return cls(
             sources=list(cfg.data.sources),
             source_sizes={s: len(windows[s]) for s in cfg.data.sources},
@@ -106,7 +102,6 @@ class TaskSampler:
             sampling=cfg.data.source_sampling,
             seed=cfg.seed,
             target_order=cfg.train.batch_order,
-            probe=cfg.rescale.signal == "source_gain",
         )
 
     def _source_probabilities(self) -> np.ndarray | None:
@@ -139,18 +134,14 @@ class TaskSampler:
         """The tasks of outer iteration `iteration`, indexed 0..n-1."""
         specs = []
         for index, source in enumerate(self._draw_sources()):
-            source_rows = self._draw_rows(self.source_sizes[source], self.source_batch_size)
-            target_rows = self._target_rows(iteration, index)
-            probe_rows = self._draw_rows(self.source_sizes[source], self.source_batch_size) if self.probe else None
             specs.append(
                 TaskSpec(
                     iteration=iteration,
                     index=index,
                     source=source,
-                    source_rows=source_rows,
-                    target_rows=target_rows,
+                    source_rows=self._draw_rows(self.source_sizes[source], self.source_batch_size),
+                    target_rows=self._target_rows(iteration, index),
                     seed=task_seed(self.seed, iteration, index),
-                    probe_rows=probe_rows,
                 )
             )
         return specs
