@@ -155,9 +155,9 @@ def run_task(params: dict[str, torch.Tensor], task: TaskSpec, ctx: TaskContext) 
 
     θ = `params` detached (fresh leaves; `params` are never modified), φ = inner_loop(θ)
     on L_src + L_vq, g = d L_target(φ)/dθ (second order unless `meta.first_order`),
-    and per tensor s^p = cos(g^p, u^p) with u = descent_direction(θ, φ) (or, with
-    `rescale.signal: target_gain`, s^p = `target_gain`, with `source_fit` minus the source
-    loss at θ, for every touched tensor). Dropout is on
+    and per tensor s^p = cos(g^p, u^p) with u = descent_direction(θ, φ) (with
+    `rescale.signal` target_gain or source_fit, s^p is instead `target_gain` or minus the
+    source loss at θ, the same for every touched tensor). Dropout is on
     and seeded with `task.seed`. Raises NonFiniteError naming the loss or tensor, the
     source and the iteration.
     """
