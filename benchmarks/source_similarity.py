@@ -72,8 +72,7 @@ def record(args) -> list[dict]:
                     sims = [r.sims[n] for n in sorted(shared) if n in r.sims]
                     backbone = [r.sims[n] for n in sorted(shared) if n in r.sims and not n.startswith(("items.", "bias."))]
                     rows.append({"iteration": it, "source": r.source, "cosine": statistics.fmean(sims) if sims else 0.0,
-                                 "backbone cosine": statistics.fmean(backbone) if backbone else 0.0, "tensors": len(sims),
-                                 **({"target gain": r.stats["target_gain"]} if "target_gain" in r.stats else {})})
+                                 "backbone cosine": statistics.fmean(backbone) if backbone else 0.0, "tensors": len(sims)})
                 if it % 25 == 0:
                     print(f"iteration {it}: " + ", ".join(f"{r.source} {rows[-len(timed.results) + k]['cosine']:+.3f}"
                                                          for k, r in enumerate(timed.results)), file=sys.stderr, flush=True)
@@ -155,8 +154,7 @@ def main() -> None:
     write_results(args.name, meta, table, experiment=args.experiment)
     if not args.from_tasks:
         tasks.write_text(json.dumps(rows) + "\n")
-    plot(rows, args.sources, experiment_dir(args.experiment) / f"{args.name}.png",
-         ylabel="cos(target meta gradient, source step)" if signal == "cosine" else label)
+    plot(rows, args.sources, experiment_dir(args.experiment) / f"{args.name}.png", **({} if signal == "cosine" else {"ylabel": label}))
     for r in table:
         print(r)
 
