@@ -17,11 +17,24 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+import yaml
 
 from common import METRICS, REPO, experiment_dir, header, prepare_shared_data, write_results
 
 from metarec import fs
 from tune.sweep import run_sweep
+
+# The space file's overrides that set the search's own protocol; transfer_converge.py sets its own.
+PROTOCOL_KEYS = ("train.max_steps", "train.eval_every", "train.patience")
+
+
+def fixed_overrides(space: str) -> dict:
+    """The space file's overrides that are part of the tuned configuration (its batch size, say),
+    not of the search protocol; they go into the tuned entry beside the sampled parameters."""
+    raw = yaml.safe_load(Path(space).read_text()) or {}
+    return {k: v for k, v in (raw.get("overrides") or {}).items() if k not in PROTOCOL_KEYS}
 
 
 def main() -> None:
@@ -48,7 +61,7 @@ def main() -> None:
     params = next(t["params"] for t in trials if t["trial_id"] == best["trial"])
     tuned_path = experiment_dir(args.experiment) / args.tuned_file
     tuned = json.loads(tuned_path.read_text()) if tuned_path.exists() else {}
-    tuned[f"{args.method}_tuned"] = {"base": args.method, "overrides": params, "val NDCG@10": best["best val NDCG@10"], "trials": len(rows), "search": args.name}
+    tuned[f"{args.method}_tuned"] = {"base": args.method, "overrides": {**fixed_overrides(args.space), **params}, "val NDCG@10": best["best val NDCG@10"], "trials": len(rows), "search": args.name}
     tuned_path.write_text(json.dumps(tuned, indent=1) + "\n")
     meta = header(f"metarec tune at the convergence protocol: {args.method}", f"{len(rows)} trials, each until early stopping ({args.space})")
     meta["sweep"] = summary
