@@ -3,6 +3,7 @@ crash trace), and what a SIGKILLed one leaves of its Ray instance is reaped by t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -108,11 +109,33 @@ def test_the_next_run_reaps_the_ray_instance_of_a_killed_driver(tmp_path, tiny_d
     assert not (Path(ray_sessions._registry()) / f"{os.getpid()}.json").exists()
 
 
+def _main_thread_cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def wait_until_blocked(pid: int, quiet_s: float = 2.0) -> None:
+    """Until the main thread of `pid` has used no CPU for `quiet_s`: with its Ray workers
+    stopped, the driver ends up waiting for their results and stays there."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    ticks, since = _main_thread_cpu_ticks(pid), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < deadline, "the driver never blocked on its stopped workers"
+        time.sleep(0.1)
+        now = _main_thread_cpu_ticks(pid)
+        if now != ticks:
+            ticks, since = now, time.monotonic()
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sigkill_of_the_raylet_stops_the_run_with_one_line_and_exit_2(tmp_path, tiny_domains):
     """Without metarec.ray.raylet_watch, Ray's core worker ended the driver
-    with `_exit(1)` at its next object-store access: a log dump, no `error:` line, `.lock` left."""
+    with `_exit(1)` at its next object-store access: a log dump, no `error:` line, `.lock` left.
+
+    The raylet dies while the driver waits for its workers' results (where a driver spends
+    its time): the workers are stopped first, so the kill cannot land inside one of the
+    driver's object-store calls, the window the module docstring documents (exit 1 there)."""
     import shutil
     import tempfile
 
@@ -123,17 +146,28 @@ def test_sigkill_of_the_raylet_stops_the_run_with_one_line_and_exit_2(tmp_path, 
     ray_tmp = tempfile.mkdtemp(prefix="metarec-raylet-")  # short: Ray's socket paths must stay under 108 bytes
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_TMPDIR=ray_tmp, HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
+    stopped: list[int] = []
     try:
         proc = start_train_on_ray(cfg, "--ray", run, log, env)
         try:
             instance = process_tree(proc.pid)
             instance.pop(proc.pid)
-            raylets = [pid for pid in instance if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"raylet")]
+            names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] for pid in instance}
+            raylets = [pid for pid, name in names.items() if name.endswith(b"raylet")]
             assert len(raylets) == 1, instance
+            for pid, name in names.items():
+                if name.startswith(b"ray::"):  # the workers, actors and idle ones
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.append(pid)
+            assert stopped, names
+            wait_until_blocked(proc.pid)
             os.kill(raylets[0], signal.SIGKILL)
             proc.wait(timeout=HANG_GUARD_S)
         finally:
             kill_if_running(proc)
+            for pid in stopped:  # they exit on their own once they run and find their raylet gone
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
         text = log.read_text()
         errors = [line for line in text.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2, text[-3000:]
