@@ -11,6 +11,7 @@ in benchmarks/results/transfer_converge/transfer_converge_tuned.json, where
     python benchmarks/tune_converge.py tune/spaces/converge_metarec_1k.yaml --method metarec --name tune_converge_metarec_1k
     # the paper's Scientific target (results and tuned file in benchmarks/results/scientific/)
     python benchmarks/tune_converge.py tune/spaces/scientific_target_only.yaml --method lru_target_only --name tune_target_only --experiment scientific --tuned-file scientific_tuned.json
+    python benchmarks/tune_converge.py tune/spaces/scientific_metarec.yaml --method metarec --name tune_metarec --experiment scientific --tuned-file scientific_tuned.json --backbone metarec_tuned_backbone
 """
 
 from __future__ import annotations
@@ -45,9 +46,18 @@ def main() -> None:
     ap.add_argument("--storage-path", default=str(REPO / "runs" / "tune"))
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--tuned-file", default="transfer_converge_tuned.json")
+    ap.add_argument("--backbone", metavar="TUNED_ENTRY",
+                    help="an entry of the tuned file (e.g. metarec_tuned_backbone) whose overrides the tuned entry "
+                         "starts from: the settings of the space's base config (its backbone) that "
+                         "transfer_converge.py's own base config lacks")
     ap.add_argument("--experiment", default="transfer_converge",
                     help="results folder benchmarks/results/EXPERIMENT/ (rows and the tuned file)")
     args = ap.parse_args()
+    tuned_path = experiment_dir(args.experiment) / args.tuned_file
+    tuned = json.loads(tuned_path.read_text()) if tuned_path.exists() else {}
+    if args.backbone is not None and args.backbone not in tuned:
+        raise SystemExit(f"error: --backbone {args.backbone}: no such entry in {tuned_path}")
+    backbone = tuned[args.backbone]["overrides"] if args.backbone else {}
     prepare_shared_data()
     summary = run_sweep(args.space, storage_path=args.storage_path, name=args.name, resume=args.resume)
     trials = json.loads(fs.read_bytes(summary["results"]))
@@ -59,9 +69,7 @@ def main() -> None:
     scored = [r for r in rows if r["best val NDCG@10"] is not None]
     best = max(scored, key=lambda r: r["best val NDCG@10"])
     params = next(t["params"] for t in trials if t["trial_id"] == best["trial"])
-    tuned_path = experiment_dir(args.experiment) / args.tuned_file
-    tuned = json.loads(tuned_path.read_text()) if tuned_path.exists() else {}
-    tuned[f"{args.method}_tuned"] = {"base": args.method, "overrides": {**fixed_overrides(args.space), **params}, "val NDCG@10": best["best val NDCG@10"], "trials": len(rows), "search": args.name}
+    tuned[f"{args.method}_tuned"] = {"base": args.method, "overrides": {**backbone, **fixed_overrides(args.space), **params}, "val NDCG@10": best["best val NDCG@10"], "trials": len(rows), "search": args.name}
     tuned_path.write_text(json.dumps(tuned, indent=1) + "\n")
     meta = header(f"metarec tune at the convergence protocol: {args.method}", f"{len(rows)} trials, each until early stopping ({args.space})")
     meta["sweep"] = summary
