@@ -266,51 +266,67 @@ def per_user(name, dataset, users, method, seed, source_set=None) -> np.ndarray:
 
 
 def plot(name: str, summary: list[dict], rows: list[dict]) -> None:
+    """NAME.png: test NDCG@10 per method, the validation curves of seed 0 and the per-source
+    weights of a MetaRec run. Clean sources only (rows without a source set, or `clean`): the
+    harmful and noise sets have their own figure (selective_transfer.py)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return
-    fig = Figure(figsize=(16, 4.4))
-    ax, ax2, ax3 = fig.subplots(1, 3)
-    for dataset in sorted({s["dataset"] for s in summary}):
-        for method in sorted({s["method"] for s in summary if s["dataset"] == dataset}):
-            pts = sorted((s["target_users"] or 10**6, s["NDCG@10"], s["NDCG@10 std"]) for s in summary if s["dataset"] == dataset and s["method"] == method)
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=f"{method}" + ("" if dataset == "amazon-video-games" else f" ({dataset})"))
-    if any(s["target_users"] for s in summary):
+    summary = [s for s in summary if s.get("source_set") in (None, "clean")]
+    rows = [r for r in rows if r.get("source_set") in (None, "clean")]
+    fig = Figure(figsize=(16, 5.6))
+    ax, ax2, ax3 = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1, 1]})
+    if any(s["target_users"] for s in summary):  # a size curve
+        for dataset in sorted({s["dataset"] for s in summary}):
+            for method in sorted({s["method"] for s in summary if s["dataset"] == dataset}):
+                pts = sorted((s["target_users"] or 10**6, s["NDCG@10"], s["NDCG@10 std"]) for s in summary if s["dataset"] == dataset and s["method"] == method)
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=f"{method}" + ("" if dataset == "amazon-video-games" else f" ({dataset})"))
         ax.set_xscale("log")
-    else:  # one group: all the target's users
-        ax.set_xticks([10**6], ["all users"])
-    ax.set_xlabel("target users")
-    ax.set_ylabel("test NDCG@10 (mean ± std over seeds)")
-    ax.legend(fontsize=7)
-    # validation curves of seed 0 in the smallest group
+        ax.set_xlabel("target users")
+        ax.set_ylabel("test NDCG@10 (mean ± std over seeds)")
+        ax.legend(fontsize=7)
+    else:  # one group (all the target's users): a bar per method, best at the top
+        ranked = sorted(summary, key=lambda s: s["NDCG@10"])
+        ax.barh(range(len(ranked)), [s["NDCG@10"] for s in ranked], xerr=[s["NDCG@10 std"] for s in ranked], capsize=2)
+        labels = [f"{s['method']} ({s['seeds']} seed{'s' if s['seeds'] > 1 else ''})" for s in ranked]
+        ax.set_yticks(range(len(ranked)), [label.replace("+", "\n+") if len(label) > 45 else label for label in labels], fontsize=6)
+        low = min(s["NDCG@10"] - s["NDCG@10 std"] for s in ranked)
+        ax.set_xlim(low * 0.97, max(s["NDCG@10"] + s["NDCG@10 std"] for s in ranked) * 1.01)
+        ax.set_xlabel("test NDCG@10 (mean ± std over seeds)")
+        ax.set_title(f"{summary[0]['dataset']}, all target users" if summary else "", fontsize=9)
+    # validation curves of seed 0 in the smallest group, for the methods with the most seeds
     main = statistics.mode(r["dataset"] for r in rows) if rows else None
     rows = [r for r in rows if r["dataset"] == main]
     small = min((r["target_users"] or 10**9 for r in rows), default=None)
+    most = max((s["seeds"] for s in summary if s["dataset"] == main), default=0)
+    shown = {s["method"] for s in summary if s["dataset"] == main and s["seeds"] == most}
     metas = sorted({r["method"] for r in rows if r["method"].startswith("metarec")})
     weights_of = "metarec_tuned" if "metarec_tuned" in metas else (metas[0] if metas else None)
-    # the weights of the run with the most sources (the harmful set, where there is one)
-    weights_set = max((r.get("source_set") for r in rows if r["method"] == weights_of and r["seed"] == 0),
-                      key=lambda s: s == "harmful", default=None)
     for r in rows:
-        if (r["target_users"] or 10**9) == small and r["seed"] == 0:
+        if (r["target_users"] or 10**9) != small or r["seed"] != 0:
+            continue
+        if r["method"] in shown or r["method"] == weights_of:
             d = json.loads(Path(detail_path(name, key_of(r))).read_text())
+        if r["method"] in shown:
             curve = d["val_curve"]
             per = r["target_sequences_seen"] / max(r["steps"], 1)
-            ax2.plot([s * per for s, _ in curve], [v for _, v in curve],
-                     label=r["method"] + (f" ({r['source_set']} sources)" if r.get("source_set") == "harmful" else ""))
-        if (r["target_users"] or 10**9) == small and r["seed"] == 0 and r["method"] == weights_of and r.get("source_set") == weights_set:
+            ax2.plot([s * per for s, _ in curve], [v for _, v in curve], label=r["method"])
+        if r["method"] == weights_of:
             for source in sorted({k for w in d["source_weights"] for k in w if k != "step"}):
                 ax3.plot([w["step"] for w in d["source_weights"]], [w.get(source) for w in d["source_weights"]], label=source)
     ax3.set_xlabel("iteration")
     ax3.set_ylabel("mean softmax weight of the source's tasks")
-    ax3.set_title(f"per-source weights over time\n{weights_of}, {main}" + (f", {weights_set} sources" if weights_set else "") + ", seed 0", fontsize=9)
+    ax3.set_title(f"per-source weights over time\n{weights_of}, {main}, seed 0", fontsize=9)
     ax3.legend(fontsize=7)
     ax2.set_xlabel("target sequences seen")
     ax2.set_ylabel("val NDCG@10")
-    ax2.set_title(f"validation curves\n{main}, {small if small < 10**9 else 'all'} target users, seed 0", fontsize=9)
-    ax2.legend(fontsize=7)
+    ax2.set_title(f"validation curves, seed 0 ({most} seeds each)\n{main}, {small if small < 10**9 else 'all'} target users", fontsize=9)
+    ax2.legend(fontsize=7, loc="lower right")
+    if ax2.lines:  # the part where the curves differ
+        top = max(max(line.get_ydata()) for line in ax2.lines)
+        ax2.set_ylim(bottom=0.6 * top)
     fig.tight_layout()
     fig.savefig(experiment_dir(name) / f"{name}.png", dpi=110)
 
