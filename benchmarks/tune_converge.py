@@ -18,24 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
-import yaml
 
 from common import METRICS, REPO, experiment_dir, header, prepare_shared_data, write_results
 
 from metarec import fs
 from tune.sweep import run_sweep
-
-# The space file's overrides that set the search's own protocol; transfer_converge.py sets its own.
-PROTOCOL_KEYS = ("train.max_steps", "train.eval_every", "train.patience")
-
-
-def fixed_overrides(space: str) -> dict:
-    """The space file's overrides that are part of the tuned configuration (its batch size, say),
-    not of the search protocol; they go into the tuned entry beside the sampled parameters."""
-    raw = yaml.safe_load(Path(space).read_text()) or {}
-    return {k: v for k, v in (raw.get("overrides") or {}).items() if k not in PROTOCOL_KEYS}
 
 
 def main() -> None:
@@ -48,8 +35,8 @@ def main() -> None:
     ap.add_argument("--tuned-file", default="transfer_converge_tuned.json")
     ap.add_argument("--backbone", metavar="TUNED_ENTRY",
                     help="an entry of the tuned file (e.g. metarec_tuned_backbone) whose overrides the tuned entry "
-                         "starts from: the settings of the space's base config (its backbone) that "
-                         "transfer_converge.py's own base config lacks")
+                         "starts from: the settings of the space's base config and overrides (its backbone, "
+                         "batch size) that transfer_converge.py's own base config lacks")
     ap.add_argument("--experiment", default="transfer_converge",
                     help="results folder benchmarks/results/EXPERIMENT/ (rows and the tuned file)")
     args = ap.parse_args()
@@ -69,7 +56,7 @@ def main() -> None:
     scored = [r for r in rows if r["best val NDCG@10"] is not None]
     best = max(scored, key=lambda r: r["best val NDCG@10"])
     params = next(t["params"] for t in trials if t["trial_id"] == best["trial"])
-    tuned[f"{args.method}_tuned"] = {"base": args.method, "overrides": {**backbone, **fixed_overrides(args.space), **params}, "val NDCG@10": best["best val NDCG@10"], "trials": len(rows), "search": args.name}
+    tuned[f"{args.method}_tuned"] = {"base": args.method, "overrides": {**backbone, **params}, "val NDCG@10": best["best val NDCG@10"], "trials": len(rows), "search": args.name}
     tuned_path.write_text(json.dumps(tuned, indent=1) + "\n")
     meta = header(f"metarec tune at the convergence protocol: {args.method}", f"{len(rows)} trials, each until early stopping ({args.space})")
     meta["sweep"] = summary
