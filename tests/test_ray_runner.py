@@ -199,6 +199,22 @@ def test_loopback_cluster_addresses_are_recognised(address, loopback):
     assert is_loopback_address(address) is loopback
 
 
+def test_shutdown_deletes_a_folder_workers_wrote_to_after_the_run_removed_it(tmp_path):
+    """Ray Train's scratch: the run removes it as it ends, but a worker still running (the
+    driver got SIGTERM) may write there again; `shutdown` deletes it once Ray is down."""
+    import ray
+
+    from metarec.ray.session import remove_at_shutdown, shutdown
+
+    assert not ray.is_initialized()
+    scratch = tmp_path / ".ray-train-scratch.tmp-0"
+    remove_at_shutdown(str(scratch))
+    (scratch / "rank-1").mkdir(parents=True)  # written after the run's own removal
+    (scratch / "rank-1" / "state.json").write_text("{}")
+    shutdown(keep_logs=True)
+    assert not scratch.exists() and tmp_path.exists()
+
+
 def test_worker_config_makes_a_local_data_root_absolute(root, monkeypatch):
     monkeypatch.chdir(Path(root).parent)
     cfg = tiny_config(Path(root).name)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ray_output import driver_lines
 from test_bad_inputs_2 import config
 
 HANG_GUARD_S = 600
@@ -55,13 +56,8 @@ def test_sigterm_exits_143_cleanly(tmp_path, tiny_domains, mode):
         kill_if_running(proc)
     text = log.read_text()
     assert proc.returncode == 143, text[-3000:]
-    assert "SIGTERM received" not in text and "Traceback (most recent call last)" not in _driver_lines(text), text[-3000:]
+    assert "SIGTERM received" not in text and "Traceback (most recent call last)" not in "\n".join(driver_lines(text)), text[-3000:]
     assert not (run / ".lock").exists() and not list(run.glob(".ray-train-scratch*"))
-
-
-def _driver_lines(text: str) -> str:
-    """stderr without the lines Ray forwards from its actors (prefixed `(Name pid=N)`)."""
-    return "\n".join(line for line in text.splitlines() if "pid=" not in line)
 
 
 def _alive(pid: int, start: str | None) -> bool:
@@ -172,7 +168,7 @@ def test_sigkill_of_the_raylet_stops_the_run_with_one_line_and_exit_2(tmp_path, 
         errors = [line for line in text.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2, text[-3000:]
         assert len(errors) == 1 and f"local Ray instance (pid {raylets[0]}) died" in errors[0], text[-3000:]
-        assert "--resume" in errors[0] and "Traceback (most recent call last)" not in _driver_lines(text), text[-3000:]
+        assert "--resume" in errors[0] and "Traceback (most recent call last)" not in "\n".join(driver_lines(text)), text[-3000:]
         assert not (run / ".lock").exists()
         deadline = time.monotonic() + 60  # the instance's GCS and agents (SIGTERM), its workers (on their own)
         while alive(instance) and time.monotonic() < deadline:

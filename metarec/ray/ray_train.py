@@ -65,7 +65,7 @@ from metarec.problem import resolve_device
 from metarec.ray.collective import CollectiveRunner, DataParallel
 from metarec.ray.driver import WorkerFailedError
 from metarec.ray.private import loopback_torch_config
-from metarec.ray.session import error_line, fault_request, set_worker_threads, user_error, worker_config
+from metarec.ray.session import error_line, fault_request, remove_at_shutdown, set_worker_threads, user_error, worker_config
 from metarec.run_dir import RunDir
 from metarec.train import Trainer
 
@@ -259,8 +259,9 @@ def fit_with_ray_train(cfg: Config, out_dir: str, *, local: bool, resume: bool =
         trainer.fit()
     except Exception as err:  # noqa: BLE001 - Ray Train wraps the workers' errors; show the first one
         _raise_worker_error(err)
-    finally:
+    finally:  # now, and again once Ray's processes are gone (a worker may still be writing there)
         shutil.rmtree(scratch, ignore_errors=True)
+        remove_at_shutdown(scratch)
     return RunDir(out_dir).read_metrics()
 
 

@@ -35,6 +35,7 @@ import contextlib
 import ipaddress
 import os
 import secrets
+import shutil
 from typing import Any
 
 import ray
@@ -83,19 +84,33 @@ def connect(address: str | None) -> None:
     raylet_watch.start(sessions.record())  # the command line exits with one line if the raylet dies
 
 
+_REMOVE_AT_SHUTDOWN: list[str] = []
+
+
+def remove_at_shutdown(path: str) -> None:
+    """Have `shutdown` delete the local folder `path` once Ray's processes have exited: a
+    folder Ray workers write to (Ray Train's scratch) cannot be removed for good while a
+    worker may still write there, e.g. when SIGTERM ends the driver mid-run."""
+    _REMOVE_AT_SHUTDOWN.append(path)
+
+
 def shutdown(*, keep_logs: bool = False) -> None:
     """Shut Ray down as a command ends: stop watching the local raylet (metarec.ray.raylet_watch),
-    `ray.shutdown()`, drop this driver's record of its local instance (nothing to reap) and,
-    unless `keep_logs` (a failed command), delete the instance's session folder (metarec.ray.sessions)."""
+    `ray.shutdown()`, drop this driver's record of its local instance (nothing to reap), wait
+    for the instance's processes to exit, delete the folders `remove_at_shutdown` named and,
+    unless `keep_logs` (a failed command), the instance's session folder (metarec.ray.sessions)."""
     from metarec.ray import raylet_watch, sessions
 
     raylet_watch.stop()
-    session = None if keep_logs else sessions.own_session()
+    session = sessions.own_session() if (_REMOVE_AT_SHUTDOWN or not keep_logs) else None
     processes = sessions.processes(session) if session else []
     ray.shutdown()
     sessions.forget()
-    if session:
-        sessions.remove_folder(session, processes)
+    sessions.wait_exited(processes)
+    while _REMOVE_AT_SHUTDOWN:
+        shutil.rmtree(_REMOVE_AT_SHUTDOWN.pop(), ignore_errors=True)
+    if session and not keep_logs:
+        sessions.remove_folder(session)
 
 
 def is_loopback_address(address: str) -> bool:

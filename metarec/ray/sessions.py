@@ -121,13 +121,17 @@ def forget() -> None:
         os.unlink(_record_path())
 
 
-def remove_folder(session: str, processes: list[tuple[int, str | None, str]] = ()) -> None:
-    """Delete the session's folder (and Ray's `session_latest` link if it names it) once
-    `processes` (the session's, listed before its shutdown) have exited, waiting at most
-    EXIT_WAIT_S for them."""
+def wait_exited(processes: list[tuple[int, str | None, str]]) -> None:
+    """Wait until `processes` (a session's, listed before its shutdown) have exited, at most EXIT_WAIT_S."""
     deadline = time.monotonic() + EXIT_WAIT_S
     while any(running(pid, start) for pid, start, _ in processes) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def remove_folder(session: str, processes: list[tuple[int, str | None, str]] = ()) -> None:
+    """Delete the session's folder (and Ray's `session_latest` link if it names it) once
+    `processes` (the session's, listed before its shutdown) have exited (`wait_exited`)."""
+    wait_exited(processes)
     _delete_folder(session)
 
 
