@@ -25,16 +25,16 @@ TARGET = "synthetic-target"
 
 
 def demo_config(root: str, method: str, quick: bool, seed: int = 0) -> dict[str, Any]:
+    """The data, a model and budget sized for a demo (both methods the same, one learning rate),
+    and every transfer setting at its default: what a config naming only the data trains."""
     steps = 200 if quick else 300
     return {
         "name": f"demo_{method}",
         "seed": seed,
         "data": {"root": root, "target": TARGET, "sources": SOURCES if method == "metarec" else [], "max_len": 20},
-        "model": {"backbone": "lru", "hidden": 32, "blocks": 1, "dropout": 0.1},
+        "model": {"backbone": "lru", "hidden": 32, "blocks": 1},
         "train": {"batch_size": 64, "lr": 2e-3, "max_steps": steps, "eval_every": steps // 6, "patience": 3, "eval_batch_size": 512},
-        "vq": {"heads": 4},
-        "meta": {"tasks_per_iter": 2, "inner_lr": 0.05},
-        "rescale": {"tau": 1.0},
+        "meta": {"tasks_per_iter": 2},
     }
 
 

@@ -64,9 +64,10 @@ def toy_config(**sections) -> Config:
         # batches drawn anew (the toy's draws are what the finite-difference checks were sized on)
         "train": {"batch_size": 8, "lr": 1e-2, "grad_clip": 5.0, "batch_order": "random"},
         "vq": {"heads": 2},
-        # the paper's update, which the tests check term by term; meta.source_grad > 0 (the
-        # default is 3) is tested where a test sets it
-        "meta": {"tasks_per_iter": 3, "inner_lr": 0.5, "source_grad": 0.0},
+        # the paper's update, which the tests check term by term; meta.source_grad > 0 and
+        # meta.persist_shared > 0 (the defaults: 3 and 0.5) are tested where a test sets them
+        "meta": {"tasks_per_iter": 3, "inner_lr": 0.5, "source_grad": 0.0, "persist_shared": 0.0, "source_batch_size": None},
+        "rescale": {"tau": 1.0},
     }
     for section, values in sections.items():
         if isinstance(values, dict):

@@ -42,7 +42,7 @@ METHODS = {
     "metarec": {"sources": ["src-a", "src-b"], "meta": {"tasks_per_iter": 2, "source_grad": 0.0}},
     "metarec_first_order_unclipped": {"sources": ["src-a", "src-b"], "grad_clip": None,
                                       "meta": {"tasks_per_iter": 3, "first_order": True, "persist_shared": 0.5, "source_grad": 0.0}},
-    # the default: the paper's update plus the rescaled source term (meta.source_grad 3)
+    # the paper's update plus the rescaled source term (meta.source_grad 3, the default)
     "metarec_default": {"sources": ["src-a", "src-b"], "meta": {"tasks_per_iter": 2}},
 }
 
@@ -58,7 +58,9 @@ def _config(root: str, method: str):
                   "lr": 3e-3, "device": "cpu", "checkpoint_every": STEPS, "keep_checkpoints": 1,
                   "grad_clip": over.get("grad_clip", 5.0)},
         "vq": {"heads": 2},
-        "meta": over.get("meta", {"tasks_per_iter": 2}),
+        # the defaults when the references were recorded (the searched ones came later)
+        "meta": {"inner_lr": 0.01, "persist_shared": 0.0, "source_batch_size": None, **over.get("meta", {"tasks_per_iter": 2})},
+        "rescale": {"tau": 1.0},
     })
 
 

@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import pytest
 
 from metarec.config import apply_overrides, config_from_dict, load_config
@@ -10,8 +13,13 @@ def base():
 
 def test_defaults_and_method():
     cfg = config_from_dict(base())
-    assert cfg.model.backbone == "lru" and cfg.vq.heads == 4 and cfg.rescale.direction == "source_descent"
-    assert cfg.method == "metarec"
+    assert cfg.model.backbone == "lru" and cfg.rescale.direction == "source_descent"
+    assert cfg.method == "metarec" and cfg.train.lr == 2.7e-3
+    raw = base()
+    raw["data"]["sources"] = []
+    assert config_from_dict(raw).train.lr == 1e-3  # target-only's own default learning rate
+    raw["train"] = {"lr": 5e-4}
+    assert config_from_dict(raw).train.lr == 5e-4
     raw = base()
     raw["meta"] = {"enabled": False}
     assert config_from_dict(raw).method == "joint"
@@ -74,3 +82,18 @@ def test_shipped_configs_validate():
 
     for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
         load_config(path)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("entry, sources", [("metarec_tuned", True), ("lru_target_only_tuned", False)])
+def test_a_config_naming_only_the_data_trains_with_the_searched_settings(entry, sources):
+    """The defaults are the amazon-scientific searches' choices (rounded to two digits)."""
+    searched = json.loads((REPO / "benchmarks/results/scientific/scientific_tuned.json").read_text())[entry]["overrides"]
+    cfg = load_config(REPO / "configs/scientific/defaults.yaml", [] if sources else ["data.sources=[]"])
+    assert cfg.method == ("metarec" if sources else "target_only")
+    for key, value in searched.items():
+        section, name = key.split(".")
+        got = getattr(getattr(cfg, section), name)
+        assert got == (pytest.approx(value, rel=0.02) if isinstance(value, float) else value), key
