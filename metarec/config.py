@@ -114,7 +114,7 @@ class ModelConfig(_Section):
     backbone: Literal["lru", "sasrec", "gru4rec"] = Field("lru", description="lru (LRURec), sasrec or gru4rec")
     hidden: int = Field(64, ge=2, le=MAX_HIDDEN, description=f"embedding and hidden size d (at most {MAX_HIDDEN})")
     blocks: int = Field(2, ge=1, le=1024, description="backbone layers")
-    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout probability (0.5: searched on amazon-scientific, confirmed on amazon-video-games; LRURec's code uses 0.1-0.2)")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout probability")
     attn_heads: int = Field(2, ge=1, le=65536, description="attention heads (sasrec only)")
 
 
@@ -158,7 +158,9 @@ class VQConfig(_Section):
 
 
 class MetaConfig(_Section):
-    """Meta transfer (docs/design.md §4); enabled: false trains jointly."""
+    """Meta transfer (docs/design.md §4); enabled: false trains jointly. The defaults here, in
+    vq and rescale, and the backbone's dropout and batch are what the searches on amazon-scientific
+    chose, confirmed on amazon-video-games (docs/design.md §4 item 6)."""
 
     enabled: bool = Field(True, description="MetaRec; false = joint training on sources and target")
     tasks_per_iter: int = Field(3, ge=1, le=100_000, description="n: source tasks per meta iteration")
@@ -174,7 +176,7 @@ class MetaConfig(_Section):
     )
     source_grad: float = Field(
         3.0, ge=0, le=100,
-        description="weight mu of the rescale-weighted source gradient (theta - phi_i) / alpha added to the outer gradient of the shared tensors (default 3: the measured gain; 0 = the paper's update)",
+        description="weight mu of the rescale-weighted source gradient (theta - phi_i) / alpha added to the outer gradient of the shared tensors (0, with persist_shared 0: the paper's update)",
     )
     source_batch_size: int | None = Field(64, ge=1, le=10_000_000, description="source windows per task (null: train.batch_size)")
 
