@@ -8,6 +8,7 @@ key with its type, default, bounds and description, one table per section.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import typing
 
@@ -90,7 +91,7 @@ def config_reference() -> str:
     for name, info in Config.model_fields.items():
         section = info.annotation
         if isinstance(section, type) and issubclass(section, BaseModel):
-            parts.append(_table(f"`{name}`", section.__doc__, _rows(section, f"{name}.")))
+            parts.append(_table(f"`{name}`", " ".join(inspect.getdoc(section).split()), _rows(section, f"{name}.")))
     return "\n".join(parts)
 
 
