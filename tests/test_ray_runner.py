@@ -199,14 +199,17 @@ def test_loopback_cluster_addresses_are_recognised(address, loopback):
     assert is_loopback_address(address) is loopback
 
 
-def test_shutdown_deletes_a_folder_workers_wrote_to_after_the_run_removed_it(tmp_path):
+def test_shutdown_deletes_a_folder_workers_wrote_to_after_the_run_removed_it(tmp_path, monkeypatch):
     """Ray Train's scratch: the run removes it as it ends, but a worker still running (the
     driver got SIGTERM) may write there again; `shutdown` deletes it once Ray is down."""
-    import ray
-
+    from metarec.ray import raylet_watch, sessions
+    from metarec.ray import session as ray_session
     from metarec.ray.session import remove_at_shutdown, shutdown
 
-    assert not ray.is_initialized()
+    # Ray itself is not stopped here: other tests of this process may share an instance
+    for module, name in [(ray_session.ray, "shutdown"), (raylet_watch, "stop"), (sessions, "forget")]:
+        monkeypatch.setattr(module, name, lambda: None)
+    monkeypatch.setattr(sessions, "own_session", lambda: None)
     scratch = tmp_path / ".ray-train-scratch.tmp-0"
     remove_at_shutdown(str(scratch))
     (scratch / "rank-1").mkdir(parents=True)  # written after the run's own removal
