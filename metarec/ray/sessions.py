@@ -128,14 +128,9 @@ def wait_exited(processes: list[tuple[int, str | None, str]]) -> None:
         time.sleep(0.05)
 
 
-def remove_folder(session: str, processes: list[tuple[int, str | None, str]] = ()) -> None:
-    """Delete the session's folder (and Ray's `session_latest` link if it names it) once
-    `processes` (the session's, listed before its shutdown) have exited (`wait_exited`)."""
-    wait_exited(processes)
-    _delete_folder(session)
-
-
-def _delete_folder(session: str) -> None:
+def remove_folder(session: str) -> None:
+    """Delete the session's folder (and Ray's `session_latest` link if it names it); the
+    caller has let its processes exit first (`wait_exited`)."""
     if not _SESSION.match(session):
         return
     folder = os.path.join(ray_temp_dir(), session)
@@ -165,7 +160,7 @@ def reap_killed() -> list[str]:
             continue  # its driver is running
         if _SESSION.match(session):
             _end_session(session)
-            _delete_folder(session)
+            remove_folder(session)
             reaped.append(session)
         with contextlib.suppress(OSError):
             os.unlink(path)
