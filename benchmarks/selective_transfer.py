@@ -3,7 +3,7 @@
 Reads the rows `transfer_converge.py run` wrote with `--source-set clean` and with any
 other source set (e.g. `harmful`; same target, method and seed) and reports, per method and
 set, the change of test NDCG@10 from the clean set, with a paired 95% bootstrap interval
-over test users (the other set's per-user NDCG@10 minus the clean run's). The plot shows
+over test users (the other set's per-user NDCG@10 minus the clean run's). The plots show
 each source's weight over training in every MetaRec run with a non-clean set, relative to
 an equal share (1 = the uniform weight 1/k of the k tasks in that iteration), averaged
 over the source's last 100 iterations with a task (a source is in only some iterations).
@@ -77,34 +77,39 @@ def relative_weights(detail: dict) -> dict[str, tuple[list[int], list[float]]]:
     return out
 
 
-def plot(name: str, rows: list[dict]) -> None:
+def plot(name: str, rows: list[dict]) -> list[str]:
+    """Per-source weights over training, seed 0: one figure per base entry (the method name before
+    its first '+'), one panel per (source set, method) in it. Returns the figures' file names."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         print("matplotlib not installed: no plot")
-        return
+        return []
     runs = [r for r in rows if r.get("source_set") not in (None, "clean") and r["method"].startswith("metarec") and r["seed"] == 0
             and r["overrides"].get("rescale.enabled", True)]  # without rescaling every weight is 1
-    if not runs:
-        return
-    sets = sorted({r["source_set"] for r in runs})
-    methods = sorted({r["method"] for r in runs})
-    fig = Figure(figsize=(5.2 * len(methods), 4.2 * len(sets)))
-    axes = fig.subplots(len(sets), len(methods), squeeze=False)
-    for r in runs:
-        ax = axes[sets.index(r["source_set"])][methods.index(r["method"])]
-        detail = json.loads(Path(detail_path(name, key_of(r))).read_text())
-        for source, (steps, avg) in sorted(relative_weights(detail).items()):
-            ax.plot(steps, avg, label=source, lw=1.2)
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_title(f"{r['method']}\n{r['source_set']} sources, seed 0 (test NDCG@10 {r['NDCG@10']:.4f})", fontsize=8)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel(f"weight / equal share (mean of its last {WINDOW} tasks)")
-        ax.legend(fontsize=7)
-    for ax in axes.flat:
-        ax.set_visible(ax.has_data())  # a (set, method) pair not run
-    fig.tight_layout()
-    fig.savefig(experiment_dir(name) / f"{name}_selective.png", dpi=110)
+    files = []
+    for base in sorted({r["method"].split("+")[0] for r in runs}):
+        group = [r for r in runs if r["method"].split("+")[0] == base]
+        sets = sorted({r["source_set"] for r in group})
+        methods = sorted({r["method"] for r in group})
+        fig = Figure(figsize=(5.2 * len(methods), 4.2 * len(sets)))
+        axes = fig.subplots(len(sets), len(methods), squeeze=False)
+        for r in group:
+            ax = axes[sets.index(r["source_set"])][methods.index(r["method"])]
+            detail = json.loads(Path(detail_path(name, key_of(r))).read_text())
+            for source, (steps, avg) in sorted(relative_weights(detail).items()):
+                ax.plot(steps, avg, label=source, lw=1.2)
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_title(f"{r['method']}\n{r['source_set']} sources, seed 0 (test NDCG@10 {r['NDCG@10']:.4f})", fontsize=8)
+            ax.set_xlabel("iteration")
+            ax.set_ylabel(f"weight / equal share (mean of its last {WINDOW} tasks)")
+            ax.legend(fontsize=7)
+        for ax in axes.flat:
+            ax.set_visible(ax.has_data())  # a (set, method) pair not run
+        fig.tight_layout()
+        files.append(f"{name}_selective_{base}.png")
+        fig.savefig(experiment_dir(name) / files[-1], dpi=110)
+    return files
 
 
 def main() -> None:
@@ -125,11 +130,11 @@ def main() -> None:
     for source_set in sorted({s["source_set"] for s in summary}):
         sources = next(s["set sources"] for s in summary if s["source_set"] == source_set)
         lines += ["", f"Sources of the {source_set} set: {', '.join(sources)}."]
-    lines += ["", f"Figure: `{args.name}_selective.png`."]
+    figures = plot(args.name, rows)
+    lines += ["", "Figures (per-source weights over training, one per base entry): " + ", ".join(f"`{f}`" for f in figures) + "."]
     out = experiment_dir(args.name)
     (out / f"{args.name}_selective.json").write_text(json.dumps({**meta, "summary": summary}, indent=1) + "\n")
     (out / f"{args.name}_selective.md").write_text("\n".join(lines) + "\n")
-    plot(args.name, rows)
     print("\n".join(lines))
 
 
