@@ -4,8 +4,8 @@ ablations, across target sizes.
 Every run trains until early stopping on target validation NDCG@10: validation every
 `--eval-fraction` of a target epoch (counted in target sequences seen, so a MetaRec
 iteration, which sees n target batches, is validated as often per target sequence as a
-target-only step), patience `--patience` evaluations; a run that reaches `--max-steps`
-first is recorded with `converged: false`. Test metrics come from the best-validation
+target-only step), patience `--patience` evaluations; a run whose patience has not run out
+when it reaches `--max-steps` is recorded with `converged: false`. Test metrics come from the best-validation
 checkpoint.
 
 A *group* is (target dataset, target users). The target is subsampled once per group
@@ -117,7 +117,7 @@ def run_one(job: dict) -> dict:
         wall = time.perf_counter() - start
         users = per_user_ndcg(trainer)
         history = trainer.state.history
-    stopped_early = m["steps"] < cfg.train.max_steps
+    stopped_early = trainer.state.evals_since_best >= cfg.train.patience  # patience ran out, even at the step cap
     row = {
         "dataset": cfg.data.target, "target_users": cfg.data.target_users, "method": job["method"], "seed": cfg.seed,
         **({"source_set": job["source_set"], "sources": list(cfg.data.sources)} if job.get("source_set") else {}),

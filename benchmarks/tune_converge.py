@@ -4,7 +4,7 @@ Runs the sweep of a space file (every trial trains until early stopping on targe
 validation NDCG@10), writes benchmarks/results/transfer_converge/NAME.{json,md} (one row
 per trial: the sampled parameters, best validation NDCG@10, test metrics, status) and
 records the best trial's parameters (picked by validation, never by test) as METHOD_tuned
-in benchmarks/results/transfer_converge/transfer_converge_tuned.json, where
+(or `--entry NAME`) in benchmarks/results/transfer_converge/transfer_converge_tuned.json, where
 `transfer_converge.py run --methods METHOD_tuned` picks them up.
 
     python benchmarks/tune_converge.py tune/spaces/converge_target_only_1k.yaml --method lru_target_only --name tune_converge_target_only_1k
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--storage-path", default=str(REPO / "runs" / "tune"))
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--tuned-file", default="transfer_converge_tuned.json")
+    ap.add_argument("--entry", metavar="NAME", help="the tuned file's entry to record the best trial as (default: METHOD_tuned)")
     ap.add_argument("--backbone", metavar="TUNED_ENTRY",
                     help="an entry of the tuned file (e.g. metarec_tuned_backbone) whose overrides the tuned entry "
                          "starts from: the settings of the space's base config and overrides (its backbone, "
@@ -56,12 +57,13 @@ def main() -> None:
     scored = [r for r in rows if r["best val NDCG@10"] is not None]
     best = max(scored, key=lambda r: r["best val NDCG@10"])
     params = next(t["params"] for t in trials if t["trial_id"] == best["trial"])
-    tuned[f"{args.method}_tuned"] = {"base": args.method, "overrides": {**backbone, **params}, "val NDCG@10": best["best val NDCG@10"], "trials": len(rows), "search": args.name}
+    entry = args.entry or f"{args.method}_tuned"
+    tuned[entry] = {"base": args.method, "overrides": {**backbone, **params}, "val NDCG@10": best["best val NDCG@10"], "trials": len(rows), "search": args.name}
     tuned_path.write_text(json.dumps(tuned, indent=1) + "\n")
     meta = header(f"metarec tune at the convergence protocol: {args.method}", f"{len(rows)} trials, each until early stopping ({args.space})")
     meta["sweep"] = summary
     notes = [f"Best trial by validation NDCG@10: {best['trial']} {params} (val {best['best val NDCG@10']:.5f}); "
-             f"recorded as {args.method}_tuned in {args.tuned_file}. Tuned vs default on the same seeds: transfer_converge.md."]
+             f"recorded as {entry} in {args.tuned_file}. Tuned vs default on the same seeds: transfer_converge.md."]
     write_results(args.name, meta, rows, notes, experiment=args.experiment)
     print(notes[0])
 
