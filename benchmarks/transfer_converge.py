@@ -45,6 +45,8 @@ from common import bench_config, experiment_dir, header, machine, ndcg_at_10, pa
 from harmful_sources import harmful_copy, is_harmful
 from transfer import METHODS as TRANSFER_METHODS
 
+from metarec.callbacks import Callback
+
 DEFAULT_SOURCES = ["amazon-beauty", "amazon-sports", "yelp", "movielens-1m"]
 
 # Method = overrides on the base config: transfer.py's methods (the paper-literal sign is
@@ -106,8 +108,9 @@ def run_one(job: dict) -> dict:
 
     raw = job["config"]
     cfg = config_from_dict(raw)
+    test_curve = TestCurve() if job.get("test_curve") else None
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer.from_config(cfg, run_dir)
+        trainer = Trainer.from_config(cfg, run_dir, callbacks=[test_curve] if test_curve else ())
         windows = len(trainer.problem.windows[cfg.data.target])
         per_step = cfg.train.batch_size * (cfg.meta.tasks_per_iter if cfg.method != "target_only" else 1)
         eval_every = max(1, round(job["eval_fraction"] * windows / per_step))
@@ -127,6 +130,9 @@ def run_one(job: dict) -> dict:
         "train_seconds": round(m["train_seconds"], 1), "wall_seconds": round(wall, 1), "device": machine(),
         "overrides": job["overrides"],
     }
+    if test_curve:
+        best_test_step, best_test = max(test_curve.curve, key=lambda point: point[1])
+        row.update({"max test NDCG@10 over evaluations": best_test, "step of the max": best_test_step})
     if m["source_weights"]:
         row["final source weights"] = {k: round(v, 4) for k, v in m["source_weights"][-1].items() if k != "step"}
     detail = {
@@ -134,11 +140,24 @@ def run_one(job: dict) -> dict:
         "val_curve": [[r["step"], r["val"]["NDCG@10"]] for r in history if "val" in r],
         "source_weights": m["source_weights"],
         "test_ndcg10_per_user": [round(float(x), 5) for x in users],
+        **({"test_curve": test_curve.curve} if test_curve else {}),
     }
     path = Path(job["detail_path"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(detail))
     return row
+
+
+class TestCurve(Callback):
+    """Test NDCG@10 after every validation (a diagnostic: what picking the checkpoint on test would give)."""
+
+    def __init__(self) -> None:
+        self.curve: list[list] = []
+
+    def on_eval(self, row: dict, trainer) -> None:
+        from metarec.problem import target_metrics
+
+        self.curve.append([row["step"], target_metrics(trainer.problem, "test")["NDCG@10"]])
 
 
 def detail_path(name: str, row_key: tuple) -> str:
@@ -158,9 +177,9 @@ def key_of(row: dict) -> tuple:
     return (row["dataset"], row["target_users"], row["method"], row["seed"], row.get("source_set"))
 
 
-def run_jobs(args, jobs: list[dict]) -> list[dict]:
-    """Run the jobs (args.jobs at a time), appending each finished row to NAME.jsonl."""
-    out_path = experiment_dir(args.name) / f"{args.name}.jsonl"
+def run_jobs(args, jobs: list[dict], out_path: Path | None = None) -> list[dict]:
+    """Run the jobs (args.jobs at a time), appending each finished row to `out_path` (NAME.jsonl)."""
+    out_path = out_path or experiment_dir(args.name) / f"{args.name}.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     if not jobs:
@@ -331,7 +350,7 @@ def plot(name: str, summary: list[dict], rows: list[dict]) -> None:
     fig.savefig(experiment_dir(name) / f"{name}.png", dpi=110)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["run", "report"])
     ap.add_argument("--name", default="transfer_converge", help="experiment: results go to benchmarks/results/NAME/NAME.*")
@@ -352,10 +371,19 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--budget", default="CPU convergence protocol (see the script's docstring)")
-    args = ap.parse_args()
+    return ap
+
+
+def check_methods(ap: argparse.ArgumentParser, args) -> None:
     for m in args.methods:
         if m.split("+")[0] not in METHODS and m.split("+")[0] not in load_tuned(args.name):
             ap.error(f"unknown method {m!r}")
+
+
+def main() -> None:
+    ap = build_parser()
+    args = ap.parse_args()
+    check_methods(ap, args)
     {"run": cmd_run, "report": cmd_report}[args.command](args)
 
 
