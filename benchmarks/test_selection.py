@@ -65,7 +65,7 @@ def report(args, rows: list[dict], protocol_rows: list[dict]) -> None:
         at_max = [r["max test NDCG@10 over evaluations"] for r in rs]
         same = [recorded.get((*key, r["seed"])) for r in rs]
         summary.append({
-            "dataset": key[0], "target_users": key[1], "method": key[2], "seeds": len(rs),
+            "dataset": key[0], "target_users": key[1] or "all", "method": key[2], "seeds": len(rs),
             "test at the best-validation checkpoint (mean)": statistics.mean(at_val),
             "test, checkpoint picked on test (mean)": statistics.mean(at_max),
             "test, checkpoint and seed picked on test": max(at_max),
