@@ -108,7 +108,7 @@ def run_one(job: dict) -> dict:
 
     raw = job["config"]
     cfg = config_from_dict(raw)
-    test_curve = TestCurve() if job.get("test_curve") else None
+    test_curve = CurveOnTest() if job.get("test_curve") else None
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer.from_config(cfg, run_dir, callbacks=[test_curve] if test_curve else ())
         windows = len(trainer.problem.windows[cfg.data.target])
@@ -148,7 +148,7 @@ def run_one(job: dict) -> dict:
     return row
 
 
-class TestCurve(Callback):
+class CurveOnTest(Callback):
     """Test NDCG@10 after every validation (a diagnostic: what picking the checkpoint on test would give)."""
 
     def __init__(self) -> None:

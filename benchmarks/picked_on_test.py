@@ -9,11 +9,11 @@ largest test NDCG@10 over the evaluations ("picked on test") and its step; the r
 compares, over the seeds, the protocol's figure (mean of the best-validation checkpoints'
 test), the mean of the per-seed test maxima, and the best seed's maximum.
 
-    python benchmarks/test_selection.py --name scientific --target amazon-scientific --target-users 0 \\
+    python benchmarks/picked_on_test.py --name scientific --target amazon-scientific --target-users 0 \\
         --sources amazon-beauty amazon-sports amazon-video-games --methods "lru_target_only_tuned+train.batch_order=epoch" --seeds 0 1 2
 
-Rows: benchmarks/results/NAME/test_selection.jsonl (one per finished run; finished runs
-are skipped), curves in test_selection_runs/, report test_selection.{json,md}.
+Rows: benchmarks/results/NAME/picked_on_test.jsonl (one per finished run; finished runs
+are skipped), curves in picked_on_test_runs/, report picked_on_test.{json,md}.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 import transfer_converge as tc
 from common import experiment_dir, header, prepare_shared_data, write_results
 
-OUT = "test_selection"
+OUT = "picked_on_test"
 
 
 def load(path) -> list[dict]:
