@@ -23,13 +23,9 @@ import statistics
 import sys
 
 import transfer_converge as tc
-from common import experiment_dir, header, prepare_shared_data, write_results
+from common import header, write_results
 
 OUT = "picked_on_test"
-
-
-def load(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def main() -> None:
@@ -37,23 +33,8 @@ def main() -> None:
     ap.description = __doc__
     args = ap.parse_args(["run", *sys.argv[1:]])
     tc.check_methods(ap, args)
-    out = experiment_dir(args.name) / f"{OUT}.jsonl"
-    root = prepare_shared_data()
-    tuned = tc.load_tuned(args.name)
-    done = {(r["dataset"], r["target_users"], r["method"], r["seed"]) for r in load(out)}
-    jobs = []
-    for users in [u or None for u in args.target_users]:
-        for seed in args.seeds:
-            for method in args.methods:
-                if (args.target, users, method, seed) in done:
-                    continue
-                raw, over = tc.method_config(args, root, args.target, users, seed, method, tuned)
-                detail = experiment_dir(args.name) / f"{OUT}_runs" / f"{args.target}-{users or 'all'}" / f"{method}-seed{seed}.json"
-                jobs.append({"method": method, "seed": seed, "threads": args.threads, "eval_fraction": args.eval_fraction,
-                             "config": raw, "overrides": over, "detail_path": str(detail), "test_curve": True})
-    print(f"{len(jobs)} runs to do ({len(done)} already in {out.name})", file=sys.stderr, flush=True)
-    tc.run_jobs(args, jobs, out)
-    report(args, load(out), load(experiment_dir(args.name) / f"{args.name}.jsonl"))
+    tc.cmd_run(args, stem=OUT, test_curve=True)
+    report(args, tc.load_rows(args.name, OUT), tc.load_rows(args.name))
 
 
 def report(args, rows: list[dict], protocol_rows: list[dict]) -> None:
@@ -75,7 +56,8 @@ def report(args, rows: list[dict], protocol_rows: list[dict]) -> None:
         })
     meta = header("Checkpoint and seed picked on test: how much they would inflate a result", args.budget)
     write_results(OUT, meta, summary, experiment=args.name)
-    print((experiment_dir(args.name) / f"{OUT}.md").read_text())
+    for row in summary:
+        print(json.dumps(row))
 
 
 if __name__ == "__main__":

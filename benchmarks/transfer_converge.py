@@ -160,14 +160,16 @@ class CurveOnTest(Callback):
         self.curve.append([row["step"], target_metrics(trainer.problem, "test")["NDCG@10"]])
 
 
-def detail_path(name: str, row_key: tuple) -> str:
+def detail_path(name: str, row_key: tuple, stem: str | None = None) -> str:
+    """A run's details: benchmarks/results/NAME/STEM_runs/GROUP/METHOD-seedS.json (STEM defaults to NAME)."""
     dataset, users, method, seed, source_set = row_key
     group = f"{dataset}-{users or 'all'}" + (f"-{source_set}" if source_set else "")
-    return str(experiment_dir(name) / f"{name}_runs" / group / f"{method}-seed{seed}.json")
+    return str(experiment_dir(name) / f"{stem or name}_runs" / group / f"{method}-seed{seed}.json")
 
 
-def load_rows(name: str) -> list[dict]:
-    path = experiment_dir(name) / f"{name}.jsonl"
+def load_rows(name: str, stem: str | None = None) -> list[dict]:
+    """The rows of benchmarks/results/NAME/STEM.jsonl (STEM defaults to NAME)."""
+    path = experiment_dir(name) / f"{stem or name}.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -177,9 +179,9 @@ def key_of(row: dict) -> tuple:
     return (row["dataset"], row["target_users"], row["method"], row["seed"], row.get("source_set"))
 
 
-def run_jobs(args, jobs: list[dict], out_path: Path | None = None) -> list[dict]:
-    """Run the jobs (args.jobs at a time), appending each finished row to `out_path` (NAME.jsonl)."""
-    out_path = out_path or experiment_dir(args.name) / f"{args.name}.jsonl"
+def run_jobs(args, jobs: list[dict], stem: str | None = None) -> list[dict]:
+    """Run the jobs (args.jobs at a time), appending each finished row to NAME/STEM.jsonl."""
+    out_path = experiment_dir(args.name) / f"{stem or args.name}.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     if not jobs:
@@ -205,13 +207,15 @@ def load_tuned(name: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def cmd_run(args) -> None:
+def cmd_run(args, stem: str | None = None, **job_options) -> None:
+    """Run the runs not yet in NAME/STEM.jsonl (STEM defaults to NAME); `job_options` go
+    into every job (`test_curve=True`: test NDCG@10 after every validation)."""
     root = prepare_shared_data()
     for source in args.sources:
         if is_harmful(source):
             harmful_copy(root, source)
     tuned = load_tuned(args.name)
-    done = {key_of(r) for r in load_rows(args.name)}
+    done = {key_of(r) for r in load_rows(args.name, stem)}
     jobs = []
     for users in args.target_users:
         users = users or None
@@ -223,10 +227,10 @@ def cmd_run(args) -> None:
                 raw, over = method_config(args, root, args.target, users, seed, method, tuned)
                 jobs.append({
                     "method": method, "seed": seed, "threads": args.threads, "eval_fraction": args.eval_fraction, "source_set": args.source_set,
-                    "config": raw, "overrides": over, "detail_path": detail_path(args.name, key),
+                    "config": raw, "overrides": over, "detail_path": detail_path(args.name, key, stem), **job_options,
                 })
-    print(f"{len(jobs)} runs to do ({len(done)} already in {args.name}.jsonl)", file=sys.stderr, flush=True)
-    run_jobs(args, jobs)
+    print(f"{len(jobs)} runs to do ({len(done)} already in {stem or args.name}.jsonl)", file=sys.stderr, flush=True)
+    run_jobs(args, jobs, stem)
 
 
 # ---------------------------------------------------------------- the report
