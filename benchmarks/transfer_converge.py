@@ -167,9 +167,13 @@ def detail_path(name: str, row_key: tuple, stem: str | None = None) -> str:
     return str(experiment_dir(name) / f"{stem or name}_runs" / group / f"{method}-seed{seed}.json")
 
 
+def rows_path(name: str, stem: str | None = None) -> Path:
+    """The rows file, one JSON row per finished run: benchmarks/results/NAME/STEM.jsonl (STEM defaults to NAME)."""
+    return experiment_dir(name) / f"{stem or name}.jsonl"
+
+
 def load_rows(name: str, stem: str | None = None) -> list[dict]:
-    """The rows of benchmarks/results/NAME/STEM.jsonl (STEM defaults to NAME)."""
-    path = experiment_dir(name) / f"{stem or name}.jsonl"
+    path = rows_path(name, stem)
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -181,7 +185,7 @@ def key_of(row: dict) -> tuple:
 
 def run_jobs(args, jobs: list[dict], stem: str | None = None) -> list[dict]:
     """Run the jobs (args.jobs at a time), appending each finished row to NAME/STEM.jsonl."""
-    out_path = experiment_dir(args.name) / f"{stem or args.name}.jsonl"
+    out_path = rows_path(args.name, stem)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     if not jobs:
