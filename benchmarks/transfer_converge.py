@@ -324,7 +324,7 @@ def plot(name: str, summary: list[dict], rows: list[dict]) -> None:
         labels = [label.replace("+", "\n+") if len(label) > 45 else label for label in labels]
         ax.set_yticks(range(len(ranked)), labels, fontsize=6)
         # every bar's slot holds the longest label (about 0.11 inch a line at 6 pt), so none overlap
-        fig.set_size_inches(16, max(5.6, 1.2 + 0.11 * len(labels) * max((label.count("\n") + 1 for label in labels), default=1)))
+        fig.set_size_inches(16, max(5.6, 1.2 + 0.11 * len(labels) * max(label.count("\n") + 1 for label in labels)))
         low = min(s["NDCG@10"] - s["NDCG@10 std"] for s in ranked)
         ax.set_xlim(low * 0.97, max(s["NDCG@10"] + s["NDCG@10 std"] for s in ranked) * 1.01)
         ax.set_xlabel("test NDCG@10 (mean ± std over seeds)")
