@@ -97,6 +97,11 @@ class DataConfig(_Section):
     first_item_label: bool = Field(
         False, description="also train on each sequence's first item, predicted from the all-padding input before it (LRURec's training windows)"
     )
+    train_on_validation: bool = Field(
+        False,
+        description="refit: also train on each target user's validation item. Validation then scores items the run trained on, so the run "
+        "trains exactly train.max_steps (take it from the best step of a run without this) and tests the last step's weights",
+    )
 
     @model_validator(mode="after")
     def _check_domains(self) -> "DataConfig":

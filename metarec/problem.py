@@ -66,7 +66,8 @@ def build_problem(cfg: Config, device: torch.device | None = None) -> Problem:
     windows = {}
     for name, dom in domains.items():
         max_len = cfg.data.max_len if name == cfg.data.target else (cfg.data.source_max_len or cfg.data.max_len)
-        windows[name] = TrainWindows(dom.train_sequences(), max_len, cfg.data.first_item_label)
+        refit = cfg.data.train_on_validation and name == cfg.data.target
+        windows[name] = TrainWindows(dom.train_sequences(include_validation=refit), max_len, cfg.data.first_item_label)
     check_trainable(domains, windows, cfg.data.target)
     torch.manual_seed(cfg.seed)
     try:

@@ -266,7 +266,7 @@ class Trainer:
                 self.state.evals += 1
                 row["val"] = val
                 row["train_seconds"] = round(self.state.train_seconds, 2)
-                if val["NDCG@10"] > self.state.best_ndcg:
+                if val["NDCG@10"] > self.state.best_ndcg or cfg.data.train_on_validation:  # a refit keeps the last step
                     self.state.best_ndcg, self.state.best_step, self.state.best_val = val["NDCG@10"], step + 1, val
                     self.state.evals_since_best = 0
                     self.run.save_best(self.model, self._state_payload())

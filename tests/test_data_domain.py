@@ -40,6 +40,14 @@ def test_leave_one_out_splits():
         domain.eval_examples("train")
 
 
+def test_refit_trains_on_the_validation_item_never_on_the_test_item():
+    domain = hand_domain()
+    assert lists(domain.train_sequences(include_validation=True)) == [[1, 2, 3], [5, 6], [7, 8], [2]]
+    _, test_targets = domain.eval_examples("test")
+    assert lists(domain.train_sequences(include_validation=True)) == [s[:-1] if len(s) >= 3 else s for s in lists(domain.sequences)]
+    assert test_targets.tolist() == [4, 9]
+
+
 def test_subsample_users_is_seeded_and_keeps_order(tiny_domains):
     target = Domain.load(tiny_domains, "target")
     a, b = target.subsample_users(10, seed=3), target.subsample_users(10, seed=3)

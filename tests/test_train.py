@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -50,6 +51,27 @@ def test_target_only_run_dir_and_evaluate(tiny_domains, tmp_path):
     for key in ("NDCG@10", "Recall@10", "MRR"):
         assert again[key] == pytest.approx(metrics["test"][key], abs=1e-7)
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["target"] == "target"
+
+
+def test_refit_trains_every_step_and_tests_the_last_one(tiny_domains, tmp_path):
+    """data.train_on_validation: the target's validation items become training labels
+    (never its test items), the sources' do not, and the run keeps the last step instead
+    of the best validation."""
+
+    def labelled(windows):
+        _, labels = windows.batch(np.arange(len(windows)))
+        return sorted(labels[labels != 0].tolist())
+
+    raw = tiny_config(tiny_domains, sources=("src-a",), max_steps=9, eval_every=3, patience=1)
+    plain = Trainer.from_config(config_from_dict(raw), str(tmp_path / "plain")).problem
+    raw["data"]["train_on_validation"] = True
+    trainer = Trainer.from_config(config_from_dict(raw), str(tmp_path / "refit"))
+    refit = trainer.problem
+    _, val_targets = refit.domains["target"].eval_examples("val")
+    assert labelled(refit.windows["target"]) == sorted(labelled(plain.windows["target"]) + val_targets.tolist())
+    assert labelled(refit.windows["src-a"]) == labelled(plain.windows["src-a"])
+    metrics = trainer.fit()
+    assert trainer.state.step == 9 and metrics["best_step"] == 9  # patience 1 never stops a refit
 
 
 def test_training_lowers_the_target_loss(tiny_domains, tmp_path):

@@ -92,9 +92,14 @@ class Domain:
             manifest={**self.manifest, "subsample": {"n_users": len(chosen), "seed": seed, "compact_items": compact_items}},
         )
 
-    def train_sequences(self) -> list[np.ndarray]:
-        """Training part of every user's sequence: items[:-2] if it has >= 3 items, else all of it."""
-        return [s[:-2] if s.shape[0] >= MIN_EVAL_LEN else s for s in self.sequences]
+    def train_sequences(self, include_validation: bool = False) -> list[np.ndarray]:
+        """Training part of every user's sequence: items[:-2] if it has >= 3 items, else all of it.
+
+        `include_validation`: items[:-1] instead (a refit that also trains on the validation
+        target; the test target is never trained on).
+        """
+        cut = 1 if include_validation else 2
+        return [s[:-cut] if s.shape[0] >= MIN_EVAL_LEN else s for s in self.sequences]
 
     def eval_examples(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
         """(histories, targets) of users with >= 3 items.

@@ -1,0 +1,94 @@
+"""How much would training on the validation item add? (issue 19 point 1, a protocol probe)
+
+Some evaluation protocols refit the model on the training *and* validation items before
+testing, with the training length chosen on validation. This probe measures what that
+refit adds to a `transfer_converge.py` result: for each method it reads the method's
+protocol rows (same name, target, seeds, clean sources), takes the mean of their
+best-validation steps as the training length (so the length is chosen on validation, never
+on test), and reruns every seed with `data.train_on_validation: true` and
+`train.max_steps` = that length; the run tests its last step. The report compares each
+refit with the protocol run of the same method and seed, paired over test users.
+
+    python benchmarks/refit_on_validation.py --name scientific --target amazon-scientific --target-users 0 \\
+        --sources amazon-beauty amazon-sports amazon-video-games --source-set clean \\
+        --methods lru_target_only_wide_tuned joint_tuned metarec_tuned --seeds 0 1 2
+
+Rows: benchmarks/results/NAME/refit_on_validation.jsonl (one per finished run; finished
+runs are skipped), per-run details in refit_on_validation_runs/, report
+refit_on_validation.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import transfer_converge as tc
+from common import header, paired_bootstrap, write_results
+
+OUT = "refit_on_validation"
+
+
+def refit_method(method: str, protocol_rows: list[dict], args) -> str:
+    """METHOD+data.train_on_validation=true+train.max_steps=N, N the mean best-validation step of its protocol rows."""
+    steps = [r["best_step"] for r in protocol_rows if r["method"] == method and r["seed"] in args.seeds and r["dataset"] == args.target
+             and r["target_users"] == args.users and r.get("source_set") in (None, args.source_set)]
+    if len(steps) < len(args.seeds):
+        sys.exit(f"{method}: {len(steps)} of {len(args.seeds)} seeds in benchmarks/results/{args.name}/{args.name}.jsonl; run them first")
+    return f"{method}+data.train_on_validation=true+train.max_steps={round(statistics.fmean(steps))}"
+
+
+def main() -> None:
+    ap = tc.build_parser()
+    ap.description = __doc__
+    args = ap.parse_args(["run", *sys.argv[1:]])
+    tc.check_methods(ap, args)
+    if len(args.target_users) != 1:
+        ap.error("one --target-users value at a time")
+    args.users = args.target_users[0] or None
+    protocol_rows = tc.load_rows(args.name)
+    plain = list(args.methods)
+    args.methods = [refit_method(m, protocol_rows, args) for m in plain]
+    tc.cmd_run(args, stem=OUT)
+    report(args, dict(zip(args.methods, plain)), tc.load_rows(args.name, OUT), protocol_rows)
+
+
+def per_user(args, stem, method, seed) -> np.ndarray:
+    key = (args.target, args.users, method, seed, args.source_set)
+    return np.asarray(json.loads(Path(tc.detail_path(args.name, key, stem)).read_text())["test_ndcg10_per_user"])
+
+
+def report(args, refits: dict[str, str], rows: list[dict], protocol_rows: list[dict]) -> None:
+    summary = []
+    for refit, plain in refits.items():
+        seeds = sorted(r["seed"] for r in rows if r["method"] == refit and r["seed"] in args.seeds and r["dataset"] == args.target and r["target_users"] == args.users)
+        if not seeds:
+            continue
+        before, after = [[next(r for r in rs if r["method"] == m and r["seed"] == s and r["dataset"] == args.target and r["target_users"] == args.users
+                               and r.get("source_set") in (None, args.source_set)) for s in seeds] for rs, m in ((protocol_rows, plain), (rows, refit))]
+        a = np.mean([per_user(args, OUT, refit, s) for s in seeds], axis=0)
+        b = np.mean([per_user(args, None, plain, s) for s in seeds], axis=0)
+        diff, lo, hi = paired_bootstrap(b, a)
+        summary.append({
+            "dataset": args.target, "method": plain, "refit": refit, "seeds": seeds,
+            "steps": after[0]["steps"],
+            "test NDCG@10, protocol (mean)": statistics.fmean(r["NDCG@10"] for r in before),
+            "test NDCG@10, refit (mean)": statistics.fmean(r["NDCG@10"] for r in after),
+            "Recall@10, refit (mean)": statistics.fmean(r["Recall@10"] for r in after),
+            "MRR, refit (mean)": statistics.fmean(r["MRR"] for r in after),
+            "refit / protocol": statistics.fmean(r["NDCG@10"] for r in after) / statistics.fmean(r["NDCG@10"] for r in before),
+            "refit - protocol": diff, "95% interval, low": lo, "95% interval, high": hi,
+            "per seed (protocol, refit)": [[r["NDCG@10"], q["NDCG@10"]] for r, q in zip(before, after)],
+            "train seconds, refit (mean)": statistics.fmean(r["train_seconds"] for r in after),
+        })
+    meta = header("Refit on training + validation items: what it adds to the protocol's test NDCG@10", args.budget)
+    write_results(OUT, meta, summary, experiment=args.name)
+    for row in summary:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
