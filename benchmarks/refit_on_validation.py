@@ -15,7 +15,8 @@ refit with the protocol run of the same method and seed, paired over test users.
 
 Rows: benchmarks/results/NAME/refit_on_validation.jsonl (one per finished run; finished
 runs are skipped), per-run details in refit_on_validation_runs/, report
-refit_on_validation.{json,md}.
+refit_on_validation.{json,md}; with a target-only method among --methods, each other method's refit is
+also compared with the target-only refit (paired over test users).
 """
 
 from __future__ import annotations
@@ -84,6 +85,15 @@ def report(args, refits: dict[str, str], rows: list[dict], protocol_rows: list[d
             "per seed (protocol, refit)": [[r["NDCG@10"], q["NDCG@10"]] for r, q in zip(before, after)],
             "train seconds, refit (mean)": statistics.fmean(r["train_seconds"] for r in after),
         })
+    base = next((s for s in summary if "target_only" in s["method"]), None)
+    for s in summary:  # transfer against the target-only, both refit
+        if base is None or s is base or s["seeds"] != base["seeds"]:
+            continue
+        a = np.mean([per_user(args, OUT, s["refit"], seed) for seed in s["seeds"]], axis=0)
+        b = np.mean([per_user(args, OUT, base["refit"], seed) for seed in s["seeds"]], axis=0)
+        diff, lo, hi = paired_bootstrap(b, a)
+        s.update({"refit / target-only refit": s["test NDCG@10, refit (mean)"] / base["test NDCG@10, refit (mean)"],
+                  "refit - target-only refit": diff, "its 95% interval, low": lo, "its 95% interval, high": hi})
     meta = header("Refit on training + validation items: what it adds to the protocol's test NDCG@10", args.budget)
     write_results(OUT, meta, summary, experiment=args.name)
     for row in summary:
