@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from pathlib import Path
 
 import numpy as np
 import transfer_converge as tc
@@ -33,10 +32,14 @@ from common import header, paired_bootstrap, write_results
 OUT = "refit_on_validation"
 
 
+def in_group(row: dict, args) -> bool:
+    """Is `row` a run on this command's target, target size and source set (or unlabelled sources)?"""
+    return row["dataset"] == args.target and row["target_users"] == args.users and row.get("source_set") in (None, args.source_set)
+
+
 def refit_method(method: str, protocol_rows: list[dict], args) -> str:
     """METHOD+data.train_on_validation=true+train.max_steps=N, N the mean best-validation step of its protocol rows."""
-    steps = [r["best_step"] for r in protocol_rows if r["method"] == method and r["seed"] in args.seeds and r["dataset"] == args.target
-             and r["target_users"] == args.users and r.get("source_set") in (None, args.source_set)]
+    steps = [r["best_step"] for r in protocol_rows if in_group(r, args) and r["method"] == method and r["seed"] in args.seeds]
     if len(steps) < len(args.seeds):
         sys.exit(f"{method}: {len(steps)} of {len(args.seeds)} seeds in benchmarks/results/{args.name}/{args.name}.jsonl; run them first")
     return f"{method}+data.train_on_validation=true+train.max_steps={round(statistics.fmean(steps))}"
@@ -57,30 +60,32 @@ def main() -> None:
     report(args, dict(zip(args.methods, plain)), tc.load_rows(args.name, OUT), protocol_rows)
 
 
-def per_user(args, stem, method, seed) -> np.ndarray:
-    key = (args.target, args.users, method, seed, args.source_set)
-    return np.asarray(json.loads(Path(tc.detail_path(args.name, key, stem)).read_text())["test_ndcg10_per_user"])
+def seed_mean_per_user(args, stem: str | None, method: str, seeds: list[int]) -> np.ndarray:
+    """Per-user test NDCG@10 of `method`, averaged over `seeds` (the bootstrap's input)."""
+    return np.mean([tc.per_user(args.name, args.target, args.users, method, s, args.source_set, stem) for s in seeds], axis=0)
 
 
 def report(args, refits: dict[str, str], rows: list[dict], protocol_rows: list[dict]) -> None:
-    summary = []
+    def rows_of(rs: list[dict], method: str, seeds: list[int]) -> list[dict]:
+        return [next(r for r in rs if in_group(r, args) and r["method"] == method and r["seed"] == s) for s in seeds]
+
+    summary, refit_users = [], {}
     for refit, plain in refits.items():
-        seeds = sorted(r["seed"] for r in rows if r["method"] == refit and r["seed"] in args.seeds and r["dataset"] == args.target and r["target_users"] == args.users)
+        seeds = sorted(r["seed"] for r in rows if in_group(r, args) and r["method"] == refit and r["seed"] in args.seeds)
         if not seeds:
             continue
-        before, after = [[next(r for r in rs if r["method"] == m and r["seed"] == s and r["dataset"] == args.target and r["target_users"] == args.users
-                               and r.get("source_set") in (None, args.source_set)) for s in seeds] for rs, m in ((protocol_rows, plain), (rows, refit))]
-        a = np.mean([per_user(args, OUT, refit, s) for s in seeds], axis=0)
-        b = np.mean([per_user(args, None, plain, s) for s in seeds], axis=0)
-        diff, lo, hi = paired_bootstrap(b, a)
+        before, after = rows_of(protocol_rows, plain, seeds), rows_of(rows, refit, seeds)
+        refit_users[refit] = seed_mean_per_user(args, OUT, refit, seeds)
+        diff, lo, hi = paired_bootstrap(seed_mean_per_user(args, None, plain, seeds), refit_users[refit])
+        protocol_mean, refit_mean = (statistics.fmean(r["NDCG@10"] for r in rs) for rs in (before, after))
         summary.append({
             "dataset": args.target, "method": plain, "refit": refit, "seeds": seeds,
             "steps": after[0]["steps"],
-            "test NDCG@10, protocol (mean)": statistics.fmean(r["NDCG@10"] for r in before),
-            "test NDCG@10, refit (mean)": statistics.fmean(r["NDCG@10"] for r in after),
+            "test NDCG@10, protocol (mean)": protocol_mean,
+            "test NDCG@10, refit (mean)": refit_mean,
             "Recall@10, refit (mean)": statistics.fmean(r["Recall@10"] for r in after),
             "MRR, refit (mean)": statistics.fmean(r["MRR"] for r in after),
-            "refit / protocol": statistics.fmean(r["NDCG@10"] for r in after) / statistics.fmean(r["NDCG@10"] for r in before),
+            "refit / protocol": refit_mean / protocol_mean,
             "refit - protocol": diff, "95% interval, low": lo, "95% interval, high": hi,
             "per seed (protocol, refit)": [[r["NDCG@10"], q["NDCG@10"]] for r, q in zip(before, after)],
             "train seconds, refit (mean)": statistics.fmean(r["train_seconds"] for r in after),
@@ -89,9 +94,7 @@ def report(args, refits: dict[str, str], rows: list[dict], protocol_rows: list[d
     for s in summary:  # transfer against the target-only, both refit
         if base is None or s is base or s["seeds"] != base["seeds"]:
             continue
-        a = np.mean([per_user(args, OUT, s["refit"], seed) for seed in s["seeds"]], axis=0)
-        b = np.mean([per_user(args, OUT, base["refit"], seed) for seed in s["seeds"]], axis=0)
-        diff, lo, hi = paired_bootstrap(b, a)
+        diff, lo, hi = paired_bootstrap(refit_users[base["refit"]], refit_users[s["refit"]])
         s.update({"refit / target-only refit": s["test NDCG@10, refit (mean)"] / base["test NDCG@10, refit (mean)"],
                   "refit - target-only refit": diff, "its 95% interval, low": lo, "its 95% interval, high": hi})
     meta = header("Refit on training + validation items: what it adds to the protocol's test NDCG@10", args.budget)

@@ -287,8 +287,8 @@ def cmd_report(args) -> None:
     print("\n".join(lines))
 
 
-def per_user(name, dataset, users, method, seed, source_set=None) -> np.ndarray:
-    detail = json.loads(Path(detail_path(name, (dataset, users, method, seed, source_set))).read_text())
+def per_user(name, dataset, users, method, seed, source_set=None, stem: str | None = None) -> np.ndarray:
+    detail = json.loads(Path(detail_path(name, (dataset, users, method, seed, source_set), stem)).read_text())
     return np.asarray(detail["test_ndcg10_per_user"])
 
 

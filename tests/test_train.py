@@ -62,16 +62,19 @@ def test_refit_trains_every_step_and_tests_the_last_one(tiny_domains, tmp_path):
         _, labels = windows.batch(np.arange(len(windows)))
         return sorted(labels[labels != 0].tolist())
 
-    raw = tiny_config(tiny_domains, sources=("src-a",), max_steps=9, eval_every=3, patience=1)
-    plain = Trainer.from_config(config_from_dict(raw), str(tmp_path / "plain")).problem
+    raw = tiny_config(tiny_domains, sources=("src-a",), max_steps=12, eval_every=1, patience=2)
+    plain_trainer = Trainer.from_config(config_from_dict(raw), str(tmp_path / "plain"))
+    plain = plain_trainer.problem
     raw["data"]["train_on_validation"] = True
     trainer = Trainer.from_config(config_from_dict(raw), str(tmp_path / "refit"))
     refit = trainer.problem
     _, val_targets = refit.domains["target"].eval_examples("val")
     assert labelled(refit.windows["target"]) == sorted(labelled(plain.windows["target"]) + val_targets.tolist())
     assert labelled(refit.windows["src-a"]) == labelled(plain.windows["src-a"])
+    plain_metrics = plain_trainer.fit()
+    assert plain_trainer.state.step < 12 and plain_metrics["best_step"] < plain_trainer.state.step  # patience 2 stops it
     metrics = trainer.fit()
-    assert trainer.state.step == 9 and metrics["best_step"] == 9  # patience 1 never stops a refit
+    assert trainer.state.step == 12 and metrics["best_step"] == 12  # but never a refit
 
 
 def test_training_lowers_the_target_loss(tiny_domains, tmp_path):
