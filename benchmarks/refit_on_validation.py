@@ -6,7 +6,8 @@ refit adds to a `transfer_converge.py` result: for each method it reads the meth
 protocol rows (same name, target, seeds, clean sources), takes the mean of their
 best-validation steps as the training length (so the length is chosen on validation, never
 on test), and reruns every seed with `data.train_on_validation: true` and
-`train.max_steps` = that length; the run tests its last step. The report compares each
+`train.max_steps` = that length (`--steps-seeds` takes it from other seeds' runs, so a
+seed added later keeps the length the first ones chose); the run tests its last step. The report compares each
 refit with the protocol run of the same method and seed, paired over test users.
 
     python benchmarks/refit_on_validation.py --name scientific --target amazon-scientific --target-users 0 \\
@@ -39,15 +40,19 @@ def in_group(row: dict, args) -> bool:
 
 def refit_method(method: str, protocol_rows: list[dict], args) -> str:
     """METHOD+data.train_on_validation=true+train.max_steps=N, N the mean best-validation step of its protocol rows."""
-    steps = [r["best_step"] for r in protocol_rows if in_group(r, args) and r["method"] == method and r["seed"] in args.seeds]
-    if len(steps) < len(args.seeds):
-        sys.exit(f"{method}: {len(steps)} of {len(args.seeds)} seeds in benchmarks/results/{args.name}/{args.name}.jsonl; run them first")
+    length_seeds = args.steps_seeds or args.seeds
+    steps = [r["best_step"] for r in protocol_rows if in_group(r, args) and r["method"] == method and r["seed"] in length_seeds]
+    if len(steps) < len(length_seeds):
+        sys.exit(f"{method}: {len(steps)} of {len(length_seeds)} seeds in benchmarks/results/{args.name}/{args.name}.jsonl; run them first")
     return f"{method}+data.train_on_validation=true+train.max_steps={round(statistics.fmean(steps))}"
 
 
 def main() -> None:
     ap = tc.build_parser()
     ap.description = __doc__
+    ap.add_argument("--steps-seeds", type=int, nargs="+", metavar="SEED",
+                    help="the seeds whose protocol runs set the training length (default: --seeds); "
+                         "lets a later seed join refits whose length earlier seeds chose")
     args = ap.parse_args(["run", *sys.argv[1:]])
     tc.check_methods(ap, args)
     if len(args.target_users) != 1:
