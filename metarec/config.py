@@ -100,7 +100,8 @@ class DataConfig(_Section):
     train_on_validation: bool = Field(
         False,
         description="refit: also train on each target user's validation item. Validation then scores items the run trained on, so the run "
-        "trains exactly train.max_steps (take it from the best step of a run without this) and tests the last step's weights",
+        "trains exactly train.max_steps (take it from the best step of a run without this) and tests the last step's weights; "
+        "`metarec tune` refuses it (search first, then refit the pick)",
     )
 
     @model_validator(mode="after")

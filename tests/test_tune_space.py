@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from metarec.errors import ConfigError
 from tune.space import load_space
@@ -31,6 +32,7 @@ def files(tmp_path_factory) -> dict[str, str]:
         ({"meta.inner_steps": {"uniform": [1, 3]}}, "meta.inner_steps", "integer"),
         ({"model.dropout": {"uniform": [0.1, 1.5]}}, "model.dropout", "less than 1"),  # a corner the config rejects
         ({"train.max_steps": {"choice": [10, 20]}}, "train.max_steps", "overrides"),
+        ({"data.train_on_validation": {"choice": [False, True]}}, "data.train_on_validation", "ranked on items it trained on"),
     ],
 )
 def test_bad_space_is_rejected_before_any_trial(files, tmp_path, params, key, words):
@@ -51,6 +53,20 @@ def test_bad_overrides_and_metric_are_rejected(files, tmp_path):
         load_space(write_yaml(tmp_path / "b.yaml", space_dict(files["base"], metric="NDCG@11")))
     with pytest.raises(ConfigError, match="unknown key 'schedular'"):
         load_space(write_yaml(tmp_path / "c.yaml", space_dict(files["base"], schedular={})))
+
+
+@pytest.mark.parametrize("where", ["overrides", "--set", "base config"])
+def test_a_refit_cannot_be_searched(files, tmp_path, where):
+    """data.train_on_validation trains on the validation items the sweep ranks trials by: refused, wherever it is set."""
+    base = yaml.safe_load(Path(files["base"]).read_text())
+    if where == "base config":
+        base["data"]["train_on_validation"] = True
+    space = space_dict(write_yaml(tmp_path / "base.yaml", base), **({"overrides": {"data.train_on_validation": True}} if where == "overrides" else {}))
+    path = write_yaml(tmp_path / "space.yaml", space)
+    sets = ["data.train_on_validation=true"] if where == "--set" else []
+    with pytest.raises(ConfigError, match=r"data.train_on_validation is true: a refit trains on the validation items"):
+        load_space(path, sets)
+    load_space(path, ["data.train_on_validation=false"])  # the same space without the refit loads
 
 
 def test_space_resolves_base_config_and_overrides(files):

@@ -26,8 +26,9 @@ params:
 Everything is checked when the file is loaded, before any trial starts: unknown keys
 (with the nearest valid one), empty or inverted ranges, non-positive log bounds, empty
 choice lists, `vq.heads` values that do not divide `model.hidden`, unknown
-distributions, and the base config with every corner of the space (each choice, both
-ends of each range). Every error is a `ConfigError` that names the file and the key.
+distributions, a refit (`data.train_on_validation`, which trains on the validation items
+trials are ranked by), and the base config with every corner of the space (each choice,
+both ends of each range). Every error is a `ConfigError` that names the file and the key.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from metarec.eval import METRIC_KS
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
 VAL_METRICS = tuple(f"{m}@{k}" for m in ("NDCG", "Recall") for k in METRIC_KS) + ("MRR",)
 SWEEP_OWNED_KEYS = ("train.max_steps", "train.eval_every", "train.checkpoint_every")
+REFIT_KEY = "data.train_on_validation"  # a refit trains on the validation items a sweep ranks by
 _MAX_CORNERS = 1024  # beyond this many corner combinations, corners are checked one parameter at a time
 
 
@@ -120,12 +122,20 @@ def _as_number(v: Any) -> Any:
     return v
 
 
+_REFIT_IN_SWEEP = (
+    "a refit trains on the validation items, so every trial would be ranked on items it trained on; "
+    "search without it, then refit the pick (`metarec train` with data.train_on_validation: true and the pick's best step as train.max_steps)"
+)
+
+
 def parse_param(key: str, spec: Any, where: str) -> Param:
     """Validate one `params` entry (`{distribution: arguments}`) of a space file."""
     here = f"{where}: params.{key}"
     check_config_key(key, f"{where}: params")
     if key in SWEEP_OWNED_KEYS:
         raise ConfigError(f"{here}: '{key}' is fixed for a sweep (ASHA counts evaluations); set it under overrides")
+    if key == REFIT_KEY:
+        raise ConfigError(f"{here}: {_REFIT_IN_SWEEP}")
     if not isinstance(spec, dict) or len(spec) != 1:
         raise ConfigError(f"{here}: expected one distribution, e.g. {{loguniform: [0.1, 1.0]}} or {{choice: [1, 2]}}, got {spec!r}")
     (kind, args), = spec.items()
@@ -333,6 +343,8 @@ def load_space(path: str | os.PathLike, sets: tuple[str, ...] | list[str] = ()) 
         seed=base_cfg.seed if spec.seed is None else spec.seed,
         base_config_path=str(base_path),
     )
+    if base_cfg.data.train_on_validation:
+        raise ConfigError(f"{base_path} (with the overrides of {where}" + (f" and --set {' '.join(sets)}" if sets else "") + f"): {REFIT_KEY} is true: {_REFIT_IN_SWEEP}")
     _check_heads(space, where)
     _check_corners(space)
     return space
