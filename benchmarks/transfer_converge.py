@@ -21,6 +21,10 @@ small domain of its own would be. Seeds vary the initialisation, dropout and bat
     # tuned methods (METHOD_tuned) come from `metarec tune` searches, see tune_converge.py
     # the report (JSON + Markdown, paired bootstrap over test users, plot):
     python benchmarks/transfer_converge.py report
+    # rerun committed rows from the full config each row records (`config`), and compare:
+    python benchmarks/transfer_converge.py rerun --name scientific --methods lru_target_only --seeds 0
+    # ... only to the first validation, compared with the row's stored curve (minutes, not hours):
+    python benchmarks/transfer_converge.py rerun --name scientific --methods lru_target_only --first-eval
 
 Per-run details (validation curve, per-source weights over time, per-user test NDCG@10
 for the bootstrap) go to benchmarks/results/transfer_converge/NAME_runs/. The base config
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from common import bench_config, experiment_dir, header, machine, ndcg_at_10, paired_bootstrap, prepare_shared_data
+from common import PREPARED, REPO, bench_config, experiment_dir, header, machine, ndcg_at_10, paired_bootstrap, prepare_shared_data
 from harmful_sources import harmful_copy, is_harmful
 from transfer import METHODS as TRANSFER_METHODS
 
@@ -81,6 +86,23 @@ def method_config(args, root, target, users, seed, method, tuned) -> tuple[dict,
 # ------------------------------------------------------------------ one run
 
 
+def row_config(cfg) -> dict:
+    """A row's `config`: every setting of the run, defaults included, so the row reruns
+    as it ran after the defaults change (`rerun`). data.root is stored relative to the
+    repository (a rerun uses the local prepared data)."""
+    raw = cfg.model_dump(mode="json")
+    root = Path(raw["data"]["root"])
+    if root.is_absolute() and root.is_relative_to(REPO):
+        raw["data"]["root"] = str(root.relative_to(REPO))
+    return raw
+
+
+def code_commit() -> str | None:
+    """The commit the benchmark runs from (a row's `commit`); None outside a git checkout."""
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def per_user_ndcg(trainer, split: str = "test") -> np.ndarray:
     """NDCG@10 of every evaluated target user for the trainer's current (best) parameters."""
     from metarec.data.batches import left_pad
@@ -113,7 +135,8 @@ def run_one(job: dict) -> dict:
         trainer = Trainer.from_config(cfg, run_dir, callbacks=[test_curve] if test_curve else ())
         windows = len(trainer.problem.windows[cfg.data.target])
         per_step = cfg.train.batch_size * (cfg.meta.tasks_per_iter if cfg.method != "target_only" else 1)
-        eval_every = max(1, round(job["eval_fraction"] * windows / per_step))
+        # a rerun keeps the row's eval_every; a new run validates every eval_fraction of a target epoch
+        eval_every = job.get("eval_every") or max(1, round(job["eval_fraction"] * windows / per_step))
         trainer.cfg.train.eval_every = eval_every
         start = time.perf_counter()
         m = trainer.fit()
@@ -128,7 +151,8 @@ def run_one(job: dict) -> dict:
         "val NDCG@10": m["val"]["NDCG@10"], "best_step": m["best_step"], "steps": m["steps"], "converged": stopped_early,
         "eval_every": eval_every, "target_sequences_seen": m["steps"] * per_step,
         "train_seconds": round(m["train_seconds"], 1), "wall_seconds": round(wall, 1), "device": machine(),
-        "overrides": job["overrides"],
+        "overrides": job["overrides"], "config": row_config(trainer.cfg),
+        **({"commit": job["commit"]} if job.get("commit") else {}),
     }
     if test_curve:
         best_test_step, best_test = max(test_curve.curve, key=lambda point: point[1])
@@ -219,6 +243,7 @@ def cmd_run(args, stem: str | None = None, **job_options) -> None:
         if is_harmful(source):
             harmful_copy(root, source)
     tuned = load_tuned(args.name)
+    commit = code_commit()
     done = {key_of(r) for r in load_rows(args.name, stem)}
     jobs = []
     for users in args.target_users:
@@ -231,10 +256,71 @@ def cmd_run(args, stem: str | None = None, **job_options) -> None:
                 raw, over = method_config(args, root, args.target, users, seed, method, tuned)
                 jobs.append({
                     "method": method, "seed": seed, "threads": args.threads, "eval_fraction": args.eval_fraction, "source_set": args.source_set,
-                    "config": raw, "overrides": over, "detail_path": detail_path(args.name, key, stem), **job_options,
+                    "config": raw, "overrides": over, "detail_path": detail_path(args.name, key, stem), "commit": commit, **job_options,
                 })
     print(f"{len(jobs)} runs to do ({len(done)} already in {stem or args.name}.jsonl)", file=sys.stderr, flush=True)
     run_jobs(args, jobs, stem)
+
+
+def row_matches(row: dict, ap: argparse.ArgumentParser, args) -> bool:
+    """The rows `rerun` selects: those matching every selection option given (not left at its default)."""
+    def given(name):
+        value = getattr(args, name)
+        return None if value == ap.get_default(name) else value
+    checks = [
+        (given("methods"), lambda v: row["method"] in v), (given("seeds"), lambda v: row["seed"] in v),
+        (given("target"), lambda v: row["dataset"] == v), (given("source_set"), lambda v: row.get("source_set") == v),
+        (given("target_users"), lambda v: row["target_users"] in {u or None for u in v}),
+    ]
+    return all(value is None or check(value) for value, check in checks)
+
+
+def cmd_rerun(args, ap: argparse.ArgumentParser) -> None:
+    """Rerun the selected rows of NAME/STEM.jsonl from the config each row records, and
+    compare. --first-eval stops at the first validation and compares it with the row's
+    stored curve (the same data, initialisation, batches and updates give the same value);
+    the comparisons are appended to NAME/STEM_reruns.jsonl. Nothing in the rows changes."""
+    stem = args.stem or args.name
+    rows = [r for r in load_rows(args.name, stem) if row_matches(r, ap, args)]
+    if not rows:
+        ap.error(f"no row of {rows_path(args.name, stem)} matches the selection")
+    missing = [f"{r['method']} seed {r['seed']}" for r in rows if "config" not in r]
+    if missing:
+        ap.error(f"{len(missing)} selected rows record no config (e.g. {missing[0]}); see benchmarks/backfill_row_configs.py")
+    root = prepare_shared_data()
+    jobs, tmp = [], tempfile.mkdtemp(prefix="rerun-")
+    for i, row in enumerate(rows):
+        raw = json.loads(json.dumps(row["config"]))
+        raw["data"]["root"] = root
+        for source in raw["data"]["sources"]:
+            if is_harmful(source):
+                harmful_copy(root, source)
+        if args.first_eval:
+            raw["train"]["max_steps"] = raw["train"]["eval_every"]
+        jobs.append({"method": row["method"], "seed": row["seed"], "threads": args.threads, "eval_every": raw["train"]["eval_every"],
+                     "source_set": row.get("source_set"), "config": raw, "overrides": row["overrides"], "detail_path": f"{tmp}/{i}.json", "row": row})
+    print(f"rerunning {len(jobs)} rows of {rows_path(args.name, stem)}" + (" to their first validation" if args.first_eval else ""), file=sys.stderr, flush=True)
+    out_path = experiment_dir(args.name) / f"{stem}_reruns.jsonl"
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_one, {k: v for k, v in job.items() if k != "row"}): job for job in jobs}
+        for future in as_completed(futures):
+            job, row = futures[future], futures[future]["row"]
+            new = future.result()
+            check = {"dataset": row["dataset"], "target_users": row["target_users"], "method": row["method"], "seed": row["seed"],
+                     **({"source_set": row["source_set"]} if row.get("source_set") else {}), "mode": "first_eval" if args.first_eval else "full",
+                     "date": time.strftime("%Y-%m-%d"), "device": machine()}
+            if args.first_eval:
+                committed = json.loads(Path(detail_path(args.name, key_of(row), stem)).read_text())["val_curve"][0]
+                rerun = json.loads(Path(job["detail_path"]).read_text())["val_curve"][0]
+                check.update({"step": rerun[0], "committed val NDCG@10": committed[1], "rerun val NDCG@10": rerun[1],
+                              "match": committed[0] == rerun[0] and abs(committed[1] - rerun[1]) <= args.tolerance})
+            else:
+                keys = ("NDCG@10", "Recall@10", "MRR", "val NDCG@10", "best_step", "steps")
+                check.update({"committed": {k: row[k] for k in keys}, "rerun": {k: new[k] for k in keys},
+                              "match": all(abs(row[k] - new[k]) <= args.tolerance for k in keys)})
+            with out_path.open("a") as f:
+                f.write(json.dumps(check) + "\n")
+            print(json.dumps(check), flush=True)
 
 
 # ---------------------------------------------------------------- the report
@@ -366,7 +452,7 @@ def plot(name: str, summary: list[dict], rows: list[dict]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["run", "report"])
+    ap.add_argument("command", choices=["run", "report", "rerun"], help="rerun: the selected committed rows, from the config each records")
     ap.add_argument("--name", default="transfer_converge", help="experiment: results go to benchmarks/results/NAME/NAME.*")
     ap.add_argument("--target", default="amazon-video-games")
     ap.add_argument("--sources", nargs="+", default=DEFAULT_SOURCES,
@@ -385,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--budget", default="CPU convergence protocol (see the script's docstring)")
+    ap.add_argument("--stem", default=None, help="rerun: the rows file NAME/STEM.jsonl (default NAME; e.g. refit_on_validation)")
+    ap.add_argument("--first-eval", action="store_true", help="rerun: stop at the first validation and compare it with the row's curve")
+    ap.add_argument("--tolerance", type=float, default=1e-6, help="rerun: largest difference that counts as a match")
     return ap
 
 
@@ -397,6 +486,9 @@ def check_methods(ap: argparse.ArgumentParser, args) -> None:
 def main() -> None:
     ap = build_parser()
     args = ap.parse_args()
+    if args.command == "rerun":
+        cmd_rerun(args, ap)
+        return
     check_methods(ap, args)
     {"run": cmd_run, "report": cmd_report}[args.command](args)
 
