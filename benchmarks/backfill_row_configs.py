@@ -10,7 +10,7 @@ committed (`git blame`). Two defaults changed under these rows without an experi
 config pinning them:
 
 - `train.batch_order`: random until 6748a19 (2026-12-02 02:00 UTC), epoch since;
-- `meta.source_grad`: 0 until 25a14b1 (2026-12-01 22:19 UTC), 3 since.
+- `meta.source_grad`: 0 until 25a14b1 (2026-12-01 22:20 UTC), 3 since.
 
 A row committed near a change may have run under either value, so every candidate is
 checked the same way `transfer_converge.py rerun --first-eval` checks a row: train to the
@@ -43,8 +43,8 @@ import transfer_converge as tc
 from common import REPO, prepare_shared_data
 from harmful_sources import harmful_copy, is_harmful
 
-EPOCH_ORDER_SINCE = 1764640859  # 6748a19, 2026-12-02 02:00:59 UTC: train.batch_order defaults to epoch
-SOURCE_GRAD_SINCE = 1764627540  # 25a14b1, 2026-12-01 22:19:00 UTC: meta.source_grad defaults to 3
+EPOCH_ORDER_SINCE = 1796176859  # 6748a19, 2026-12-02 02:00:59 UTC: train.batch_order defaults to epoch
+SOURCE_GRAD_SINCE = 1796163596  # 25a14b1, 2026-12-01 22:19:56 UTC: meta.source_grad defaults to 3
 
 
 def commit_times(path: Path) -> list[int]:
@@ -110,13 +110,13 @@ def check_row(task: dict) -> dict:
         job = {"method": task["method"], "seed": task["seed"], "threads": 1, "eval_every": short["train"]["eval_every"], "source_set": task["source_set"],
                "config": short, "overrides": {}, "detail_path": f"{task['tmp']}/{i}.json"}
         value = first_eval(job)
-        tried.append(value)
+        tried.append(f"{value:.6f} (batch_order {raw['train'].get('batch_order')}, source_grad {raw.get('meta', {}).get('source_grad')})")
         if abs(value - task["stored"]) <= 1e-6:
             return {"config": tc.row_config(config_from_dict(raw)),
                     "config_check": f"reconstructed; today's code reproduces its first validation (val NDCG@10 {value:.6f} at step {raw['train']['eval_every']})" + stop_mismatch(task["row"], raw)}
     raw = task["candidates"][0]
     return {"config": tc.row_config(config_from_dict(raw)),
-            "config_check": f"reconstructed, not reproduced by today's code: first validation {task['stored']:.6f} stored, {', '.join(f'{v:.6f}' for v in tried)} from the {len(tried)} candidate(s)" + stop_mismatch(task["row"], raw)}
+            "config_check": f"reconstructed, not reproduced by today's code: first validation {task['stored']:.6f} stored, {'; '.join(tried)}" + stop_mismatch(task["row"], raw)}
 
 
 def main() -> None:
