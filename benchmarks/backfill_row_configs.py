@@ -48,8 +48,9 @@ SOURCE_GRAD_SINCE = 1796163596  # 25a14b1, 2026-12-01 22:19:56 UTC: meta.source_
 
 
 def commit_times(path: Path) -> list[int]:
-    """Committer time of the commit that recorded each line of `path` (git blame, following copies)."""
-    out = subprocess.run(["git", "blame", "-C", "-C", "-M", "--line-porcelain", str(path.relative_to(REPO))],
+    """Committer time of the commit that recorded each line of `path` as committed at HEAD
+    (git blame, following copies; the rows keep their order when their configs are added)."""
+    out = subprocess.run(["git", "blame", "-C", "-C", "-M", "--line-porcelain", "HEAD", "--", str(path.relative_to(REPO))],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     return [int(line.split()[1]) for line in out.splitlines() if line.startswith("committer-time ")]
 
@@ -131,6 +132,8 @@ def main() -> None:
     lines = path.read_text().splitlines()
     times = commit_times(path)
     rows = [json.loads(line) for line in lines]
+    if len(times) != len(rows):
+        sys.exit(f"{path}: {len(rows)} rows, {len(times)} committed at HEAD; commit the rows before a backfill")
     root = prepare_shared_data()
     tuned = tc.load_tuned(args.name)
     tmp = tempfile.mkdtemp(prefix="backfill-")
